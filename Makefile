@@ -1,0 +1,45 @@
+# qsmprep developer entry points.  `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Without an NVIDIA GPU, take PyTorch's CPU build (a few hundred MB instead of several GB).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+DEMO_DIR ?= demo
+NPROCS ?= 2
+
+.PHONY: venv demo test test-all lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(HAVE_GPU),1)
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+else
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+endif
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+demo: venv
+	$(VENV)/bin/qsmprep-demo --demo-dir $(DEMO_DIR) --nprocs $(NPROCS)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check qsmprep tests benchmarks
+	$(VENV)/bin/ruff format --check qsmprep tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

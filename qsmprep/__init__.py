@@ -1,0 +1,10 @@
+"""qsmprep: a BIDS App for quantitative susceptibility mapping."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("qsmprep")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,141 @@
+"""Dipole and spherical-mean-value kernels in k-space, zero padding and FFT helpers.
+
+The unit dipole kernel is ``D(k) = 1/3 - (k.b)^2 / |k|^2`` with ``D(0) = 0``; ``k`` is in
+cycles/mm (voxel size aware) and ``b`` is the unit B0 direction in voxel axes. With
+this kernel the field perturbation (ppm) of a susceptibility map chi (ppm) is
+``ifft(D * fft(chi))``.
+
+Kernels are built for the half spectrum of a real FFT (``scipy.fft.rfftn``) unless
+``full=True``: all field and chi maps are real, and the half spectrum halves time and
+memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.fft as sfft
+
+#: Proton gyromagnetic ratio / 2 pi, in MHz/T.
+GAMMA_BAR_MHZ_PER_T = 42.577478
+
+#: Default zero-padding factor against the FFT's circular wrap-around.
+DEFAULT_PAD_FACTOR = 1.5
+
+
+def padded_shape(shape: Sequence[int], factor: float = DEFAULT_PAD_FACTOR) -> tuple[int, ...]:
+    """Shape of at least ``factor`` times ``shape`` per axis, each a fast FFT length."""
+    if factor < 1:
+        raise ValueError("pad factor must be >= 1")
+    return tuple(sfft.next_fast_len(int(np.ceil(n * factor)), real=True) for n in shape)
+
+
+def pad(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Zero-pad ``x`` to ``shape`` (the data stay at the origin corner)."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    out = np.zeros(shape, dtype=x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def crop(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`pad`."""
+    return x[tuple(slice(0, n) for n in shape)]
+
+
+def kspace_grid(
+    shape: Sequence[int], voxel_size: Sequence[float], full: bool = False, dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Broadcastable k-space coordinates (cycles/mm) for ``rfftn`` (or ``fftn``) of ``shape``."""
+    nx, ny, nz = shape
+    vx, vy, vz = voxel_size
+    kx = sfft.fftfreq(nx, d=vx).astype(dtype)[:, None, None]
+    ky = sfft.fftfreq(ny, d=vy).astype(dtype)[None, :, None]
+    kz_f = sfft.fftfreq(nz, d=vz) if full else sfft.rfftfreq(nz, d=vz)
+    kz = kz_f.astype(dtype)[None, None, :]
+    return kx, ky, kz
+
+
+def _zero_nyquist(k: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Copy of the broadcastable coordinate ``k`` with its Nyquist entry (even ``n``) zeroed."""
+    if n % 2:
+        return k
+    out = k.copy()
+    idx = [0, 0, 0]
+    idx[axis] = n // 2 if k.shape[axis] == n else -1  # full grid, or the half grid's last bin
+    out[tuple(idx)] = 0
+    return out
+
+
+def dipole_kernel(
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    b0_dir: Sequence[float],
+    full: bool = False,
+    dtype=np.float32,
+) -> np.ndarray:
+    """Unit dipole kernel ``1/3 - (k.b)^2/|k|^2`` on the (half) FFT grid of ``shape``.
+
+    ``voxel_size`` in mm, ``b0_dir`` a unit vector in voxel axes (normalised here).
+    """
+    b = np.asarray(b0_dir, dtype=float)
+    b = b / np.linalg.norm(b)
+    ks = kspace_grid(shape, voxel_size, full=full, dtype=dtype)
+    k2 = sum(k * k for k in ks)
+    # On an even axis the Nyquist bin stands for both +k and -k: its cross terms with the
+    # other axes must average out, or the kernel is not Hermitian and an oblique B0 leaves
+    # a checkerboard error that does not decay with distance.
+    kc = [_zero_nyquist(k, n, axis) for axis, (k, n) in enumerate(zip(ks, shape, strict=True))]
+    kb = sum(k * dtype(bi) for k, bi in zip(kc, b, strict=True))
+    kb2 = kb * kb + sum(
+        (k * k - c * c) * dtype(bi * bi) for k, c, bi in zip(ks, kc, b, strict=True)
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = dtype(1.0 / 3.0) - kb2 / k2
+    d[0, 0, 0] = 0
+    return d.astype(dtype, copy=False)
+
+
+def sphere_kernel(
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    radius_mm: float,
+    full: bool = False,
+    dtype=np.float32,
+) -> np.ndarray:
+    """k-space spherical mean value (SMV) kernel: FFT of a unit-sum sphere of ``radius_mm``.
+
+    The sphere is centred on voxel 0 with circular wrap, so its transform is real.
+    """
+    grids = []
+    for n, v in zip(shape, voxel_size, strict=True):
+        i = np.arange(n)
+        grids.append(np.minimum(i, n - i) * float(v))
+    r2 = grids[0][:, None, None] ** 2 + grids[1][None, :, None] ** 2 + grids[2][None, None, :] ** 2
+    ball = (r2 <= radius_mm**2).astype(np.float64)
+    ball /= ball.sum()
+    k = sfft.fftn(ball).real if full else sfft.rfftn(ball).real
+    return k.astype(dtype, copy=False)
+
+
+def convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Circular convolution of real ``x`` with a half-spectrum ``kernel`` of the same shape."""
+    return sfft.irfftn(sfft.rfftn(x) * kernel, s=x.shape).astype(x.dtype, copy=False)
+
+
+def forward_field(
+    chi: np.ndarray,
+    voxel_size: Sequence[float],
+    b0_dir: Sequence[float],
+    pad_factor: float = DEFAULT_PAD_FACTOR,
+) -> np.ndarray:
+    """Field perturbation (ppm) of susceptibility ``chi`` (ppm), zero padded by ``pad_factor``.
+
+    Float32 in, float32 out; float64 in, float64 out.
+    """
+    dtype = np.float64 if chi.dtype == np.float64 else np.float32
+    shape = padded_shape(chi.shape, pad_factor)
+    d = dipole_kernel(shape, voxel_size, b0_dir, dtype=dtype)
+    return crop(convolve(pad(chi.astype(dtype, copy=False), shape), d), chi.shape)

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from qsmprep.qsm import phase as ph
+from qsmprep.qsm.sideinfo import SideInformation, b0_direction, voxel_size
+
+
+def _rot_x(deg):
+    t = np.radians(deg)
+    return np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+
+
+def test_axial_isotropic():
+    si = SideInformation.from_affine(np.diag([1.0, 1.0, 1.0, 1.0]))
+    np.testing.assert_allclose(si.as_vector(), [1, 1, 1, 0, 0, 1])
+    assert si.b0_angle_deg == pytest.approx(0)
+
+
+def test_las_flip_keeps_direction_axis():
+    aff = np.diag([-0.9, 0.9, 2.0, 1.0])
+    np.testing.assert_allclose(voxel_size(aff), [0.9, 0.9, 2.0])
+    np.testing.assert_allclose(b0_direction(aff), [0, 0, 1], atol=1e-12)
+
+
+def test_oblique_anisotropic():
+    # voxel axes rotated 25 degrees about x, voxels 1 x 1 x 2 mm
+    aff = np.eye(4)
+    aff[:3, :3] = _rot_x(25) @ np.diag([1.0, 1.0, 2.0])
+    si = SideInformation.from_affine(aff)
+    np.testing.assert_allclose(si.voxel_size, [1, 1, 2])
+    # b = R^T z = (0, sin 25, cos 25)
+    np.testing.assert_allclose(
+        si.b0_direction, [0, np.sin(np.radians(25)), np.cos(np.radians(25))], atol=1e-12
+    )
+    assert si.b0_angle_deg == pytest.approx(25)
+    again = SideInformation.from_dict(si.to_dict(decimals=12))
+    np.testing.assert_allclose(again.as_vector(), si.as_vector())
+
+
+def test_paper_example_vector():
+    # The paper's example (1,1,2, 0.2,-0.7,0.6): any orthonormal R with R^T z = b gives it.
+    b = np.array([0.2, -0.7, 0.6])
+    b /= np.linalg.norm(b)
+    # build R whose third row is b (so R^T z = b)
+    u = np.cross(b, [1, 0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(b, u)
+    rot = np.vstack([u, v, b])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1, 1, 2])
+    np.testing.assert_allclose(
+        SideInformation.from_affine(aff).as_vector(), np.r_[1, 1, 2, b], atol=1e-6
+    )
+
+
+def test_sheared_affine_rejected():
+    aff = np.eye(4)
+    aff[0, 1] = 0.3
+    with pytest.raises(ValueError, match="sheared"):
+        b0_direction(aff)
+
+
+def test_phase_radians_pass_through():
+    x = np.linspace(-np.pi, np.pi - 1e-3, 100).astype(np.float32)
+    out, how = ph.scale_phase(x, "rad")
+    np.testing.assert_allclose(out, x, atol=1e-6)
+    assert "radians" in how
+
+
+def test_phase_siemens_integer_range():
+    truth = np.linspace(-np.pi, np.pi - 1e-3, 1000)
+    stored = np.round(truth * 4096 / np.pi).astype(np.int16)
+    out, how = ph.scale_phase(stored, "arbitrary")
+    assert "4096" in how
+    np.testing.assert_allclose(out, truth, atol=2 * np.pi / 4096)
+
+
+def test_phase_integer_range_not_min_max_rescaled():
+    # data that do not reach the extremes must keep the vendor scaling
+    truth = np.linspace(-2.0, 2.5, 500)
+    stored = np.round(truth * 4096 / np.pi).astype(np.float32)
+    out, _ = ph.scale_phase(stored)
+    np.testing.assert_allclose(out, truth, atol=2 * np.pi / 4096)
+
+
+def test_phase_unsigned_range():
+    truth = np.linspace(0, 2 * np.pi - 1e-3, 500)
+    stored = np.round(truth * 4096 / (2 * np.pi)).astype(np.uint16)
+    out, _ = ph.scale_phase(stored)
+    np.testing.assert_allclose(np.exp(1j * out), np.exp(1j * truth), atol=2e-3)
+
+
+def test_phase_bad_values():
+    with pytest.raises(ph.PhaseScalingError):
+        ph.scale_phase(np.array([0.5, 10.3, 200.7]))
+    with pytest.raises(ph.PhaseScalingError, match="radians"):
+        ph.scale_phase(np.array([0, 100, 4000.0]), "rad")
+
+
+def test_units():
+    assert ph.hz_to_ppm(42.577478 * 3, 3.0) == pytest.approx(1.0)
+    assert ph.ppm_to_hz(1.0, 7.0) == pytest.approx(42.577478 * 7)
+    assert ph.rad_to_hz(2 * np.pi * 0.01 * 50, 0.01) == pytest.approx(50)
