@@ -1,0 +1,1 @@
+"""Deep-learning QSM: the adaptive U-Net model, its weights and tiled inference (torch)."""
