@@ -1,10 +1,19 @@
-"""Phase scaling and unit conversion (radians, Hz, ppm)."""
+"""Phase scaling and unit conversion (radians, Hz, ppm), phase-offset removal (MCPC-3D-S)
+and the multi-echo field fit."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from scipy import ndimage
 
 from .dipole import GAMMA_BAR_MHZ_PER_T
+from .masking import robust_threshold_mask
+from .romeo import romeo_unwrap
+
+#: Default Gaussian width (mm) of the MCPC-3D-S phase-offset smoothing.
+MCPC_SIGMA_MM = 7.0
 
 #: Slack on the radian range check (float rounding of stored +-pi).
 _RAD_TOL = 1e-2
@@ -75,3 +84,119 @@ def hz_to_ppm(field_hz: np.ndarray, b0_tesla: float) -> np.ndarray:
 def ppm_to_hz(field_ppm: np.ndarray, b0_tesla: float) -> np.ndarray:
     """Field in ppm of B0 at ``b0_tesla`` (T) to frequency offset (Hz)."""
     return field_ppm * (GAMMA_BAR_MHZ_PER_T * b0_tesla)
+
+
+def _echo_arrays(
+    phase: np.ndarray, mag: np.ndarray | None, echo_times: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Validate and return phase / magnitude as float32 ``(X, Y, Z, E)`` and TEs (s)."""
+    ph = np.asarray(phase, dtype=np.float32)
+    if ph.ndim == 3:
+        ph = ph[..., None]
+    if ph.ndim != 4:
+        raise ValueError(f"phase must be (X, Y, Z) or (X, Y, Z, E), got shape {ph.shape}")
+    tes = np.asarray(echo_times, dtype=float).ravel()
+    if tes.size != ph.shape[-1]:
+        raise ValueError(f"{tes.size} echo times for {ph.shape[-1]} echoes")
+    if np.any(~np.isfinite(tes)) or np.any(tes <= 0) or len(np.unique(tes)) != tes.size:
+        raise ValueError(f"echo times must be positive and distinct (s), got {tes.tolist()}")
+    mg = None
+    if mag is not None:
+        mg = np.asarray(mag, dtype=np.float32)
+        if mg.ndim == 3:
+            mg = mg[..., None]
+        if mg.shape != ph.shape:
+            raise ValueError(f"mag shape {np.shape(mag)} does not match phase {ph.shape}")
+    return ph, mg, tes
+
+
+def _slope_terms(
+    ph: np.ndarray, w: np.ndarray, t: np.ndarray, with_offset: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Numerator and denominator of the weighted LS slope of ``ph`` vs ``t`` (last axis)."""
+    wp = w * ph
+    num, den = wp @ t, w @ (t * t)
+    if not with_offset:
+        return num, den
+    s0, st, su = w.sum(axis=-1), w @ t, wp.sum(axis=-1)
+    return s0 * num - st * su, s0 * den - st * st
+
+
+def fit_field(
+    unwrapped: np.ndarray,
+    mag: np.ndarray | None,
+    echo_times: Sequence[float],
+    mask: np.ndarray | None = None,
+    *,
+    with_offset: bool = False,
+) -> np.ndarray:
+    """Total field (Hz) from unwrapped multi-echo phase (rad) by weighted least squares.
+
+    Minimises ``sum_e mag_e^2 (phase_e - 2 pi f TE_e)^2`` per voxel: a line through the
+    origin, for phase whose echo-independent offset has been removed (MCPC-3D-S),
+    which weighs each echo's frequency ``phase_e / (2 pi TE_e)`` by ``(mag_e TE_e)^2``.
+    ``with_offset=True`` fits ``phase_e = phi0 + 2 pi f TE_e`` instead (two echoes or
+    more). A single echo gives ``phase / (2 pi TE)``. ``unwrapped`` and ``mag`` are
+    ``(X, Y, Z, E)`` (or 3D for one echo), ``echo_times`` in s; ``mag=None`` weighs echoes
+    equally, as do voxels whose magnitude is zero in every echo. Returns float32 Hz
+    ``(X, Y, Z)``, 0 outside ``mask``.
+    """
+    ph, mg, tes = _echo_arrays(unwrapped, mag, echo_times)
+    if with_offset and tes.size < 2:
+        raise ValueError("fitting a phase offset needs at least two echoes")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != ph.shape[:3]:
+            raise ValueError(f"mask shape {mask.shape} does not match phase {ph.shape[:3]}")
+    t = tes.astype(np.float32)
+    num, den = _slope_terms(ph, np.ones_like(ph) if mg is None else mg * mg, t, with_offset)
+    bad = ~(den > 0)
+    if bad.any():
+        num[bad], den[bad] = _slope_terms(ph[bad], np.ones_like(ph[bad]), t, with_offset)
+    field = (num / (np.float32(2 * np.pi) * den)).astype(np.float32)
+    if mask is not None:
+        field[~mask] = 0
+    return field
+
+
+def mcpc3ds(
+    phase: np.ndarray,
+    mag: np.ndarray | None,
+    echo_times: Sequence[float],
+    voxel_size: Sequence[float],
+    sigma_mm: float = MCPC_SIGMA_MM,
+) -> np.ndarray:
+    """Remove the echo-independent phase offset (MCPC-3D-S, Eckstein et al. MRM 2018).
+
+    The phase evolution between echoes 1 and 2 is the angle of the Hermitian inner
+    product ``conj(z1) z2``, unwrapped with ROMEO (weight ``sqrt(m1 m2)``, inside a
+    magnitude threshold mask, its 2 pi multiple set so that the median lies in
+    [-pi, pi)); scaled by ``TE1 / (TE2 - TE1)`` it is the field's phase at TE1, and echo 1
+    minus it is the offset. The offset is smoothed as the complex ``sqrt(m1 m2)
+    exp(i offset)`` with a Gaussian of ``sigma_mm`` (mm) and subtracted from every echo.
+    ``phase`` ``(X, Y, Z, E)`` rad with E >= 2, ``mag`` the same shape (None: uniform),
+    ``echo_times`` in s, ``voxel_size`` in mm. Returns wrapped float32 phase (rad) in
+    [-pi, pi) of the same shape.
+    """
+    ph, mg, tes = _echo_arrays(phase, mag, echo_times)
+    if ph.shape[-1] < 2:
+        raise ValueError("MCPC-3D-S needs at least two echoes")
+    vs = np.asarray(voxel_size, dtype=float).ravel()
+    if vs.size != 3 or np.any(~(vs > 0)):
+        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size}")
+    if not sigma_mm > 0:
+        raise ValueError(f"sigma_mm must be positive, got {sigma_mm}")
+    hip = wrap(ph[..., 1] - ph[..., 0])
+    weight = np.ones(ph.shape[:3], np.float32) if mg is None else np.sqrt(mg[..., 0] * mg[..., 1])
+    mask = (
+        np.ones(ph.shape[:3], dtype=bool) if mg is None else robust_threshold_mask(weight, erode=0)
+    )
+    evolution, _ = romeo_unwrap(hip, mag=weight, mask=mask)
+    evolution -= np.float32(2 * np.pi) * np.round(np.median(evolution[mask]) / (2 * np.pi))
+    offset = ph[..., 0] - evolution * np.float32(tes[0] / (tes[1] - tes[0]))
+    sigma = sigma_mm / vs
+    amp = np.where(mask, weight, np.float32(0))
+    re = ndimage.gaussian_filter(amp * np.cos(offset), sigma, mode="nearest")
+    im = ndimage.gaussian_filter(amp * np.sin(offset), sigma, mode="nearest")
+    smooth = np.arctan2(im, re).astype(np.float32)
+    return wrap(ph - smooth[..., None])
