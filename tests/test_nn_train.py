@@ -1,0 +1,144 @@
+"""Pre-training and transfer learning of the adaptive U-Net on tiny problems."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qsmprep.nn.synth import SynthConfig, SyntheticQSMDataset, simulate_local_field
+from qsmprep.nn.train import (
+    CHECKPOINT,
+    HISTORY,
+    TrainConfig,
+    batch_nrmse,
+    build_model,
+    compute_loss,
+    dipole_convolve,
+    load_checkpoint,
+    make_optimizer,
+    pretrain,
+)
+from qsmprep.nn.weights import load_card, load_model
+
+TINY_SYNTH = SynthConfig(patch_size=(16, 16, 16), head_prob=0.0)
+
+
+def tiny_config(out_dir, **kw) -> TrainConfig:
+    base = dict(
+        out_dir=str(out_dir),
+        steps=4,
+        batch_size=2,
+        base_channels=4,
+        depth=3,
+        lr=3e-3,
+        restart_steps=3,
+        val_every=2,
+        val_pairs=2,
+        checkpoint_every=2,
+        log_every=1,
+        device="cpu",
+        synth=TINY_SYNTH,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions gain nothing from threads, and OpenMP threads stall badly on a
+    # loaded 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_torch_dipole_convolution_matches_numpy_per_sample():
+    rng = np.random.default_rng(0)
+    chi = rng.normal(0, 0.1, (2, 1, 16, 16, 16)).astype(np.float32)
+    side = np.array([[1, 1, 1, 0, 0, 1], [0.7, 1.1, 2.0, 0.3, -0.4, 0.866]], np.float32)
+    got = dipole_convolve(torch.from_numpy(chi), torch.from_numpy(side)).numpy()
+    ones = np.ones((16, 16, 16), bool)
+    for i in range(2):
+        want = simulate_local_field(chi[i, 0], ones, side[i, :3], side[i, 3:])
+        np.testing.assert_allclose(got[i, 0], want, atol=1e-6)
+    assert np.abs(got[0, 0] - got[1, 0]).max() > 0.01  # each sample used its own kernel
+
+
+def test_batch_nrmse_definition():
+    t = torch.randn(1, 1, 8, 8, 8)
+    mask = torch.ones_like(t, dtype=torch.bool)
+    assert float(batch_nrmse(t, t, mask)[0]) == pytest.approx(0, abs=1e-9)
+    assert float(batch_nrmse(t + 3.0, t, mask)[0]) == pytest.approx(0, abs=1e-4)  # demeaned
+    assert float(batch_nrmse(torch.zeros_like(t), t, mask)[0]) == pytest.approx(100, rel=1e-6)
+    assert float(batch_nrmse(0.5 * t, t, mask)[0]) == pytest.approx(50, rel=1e-6)
+
+
+def test_a_few_steps_lower_the_loss_on_a_tiny_problem():
+    cfg = tiny_config("unused", dc_weight=0.1)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt, _ = make_optimizer(model.parameters(), cfg)
+    batch = next(iter(SyntheticQSMDataset(TINY_SYNTH, "train", 0, batch_size=2)))
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss, parts = compute_loss(model, batch, cfg.dc_weight)
+        loss.backward()
+        opt.step()
+        losses.append(parts["loss"])
+        assert set(parts) == {"chi_l1", "dc_l1", "loss"}
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_pretrain_writes_loadable_weights_and_card(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    res = pretrain(cfg, progress=False, command="qsmprep-train pretrain --tiny")
+    assert res is not None and res.step == 4 and res.weights.is_file()
+    model = load_model(res.weights)
+    assert model.config["base_channels"] == 4 and model.config["adaptive"] is True
+    card = load_card(res.weights)
+    assert card["command"] == "qsmprep-train pretrain --tiny"
+    assert card["training"]["steps"] == 4 and card["training"]["optimizer"]["name"] == "AdamW"
+    assert card["hardware"]["device"] == "cpu"
+    assert 0 < card["metrics"]["validation"]["nrmse"] < 1000
+    lines = [json.loads(x) for x in (tmp_path / "run" / HISTORY).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert "val" in lines[1] and "val" in lines[3]
+    # The restart schedule: lr back at its maximum after restart_steps steps.
+    assert lines[2]["lr"] == pytest.approx(cfg.lr)
+
+
+def test_resume_continues_from_the_saved_step_and_reproduces_the_run(tmp_path):
+    straight = pretrain(tiny_config(tmp_path / "a"), progress=False)
+    hist_a = [json.loads(x) for x in (tmp_path / "a" / HISTORY).read_text().splitlines()]
+
+    cfg_b = tiny_config(tmp_path / "b")
+    assert pretrain(cfg_b, progress=False, stop_after=2) is None  # interrupted
+    ck = load_checkpoint(tmp_path / "b" / CHECKPOINT)
+    assert ck["step"] == 2 and "optimizer" in ck and "scheduler" in ck and "rng" in ck
+    resumed = pretrain(cfg_b, progress=False)
+    hist_b = [json.loads(x) for x in (tmp_path / "b" / HISTORY).read_text().splitlines()]
+    assert [r["step"] for r in hist_b] == [1, 2, 3, 4]  # no step repeated or skipped
+    for ra, rb in zip(hist_a, hist_b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
+        assert rb["lr"] == pytest.approx(ra["lr"])
+    a, b = load_model(straight.weights), load_model(resumed.weights)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    pretrain(tiny_config(tmp_path / "c"), progress=False, stop_after=1)
+    with pytest.raises(ValueError, match="different settings.*lr"):
+        pretrain(tiny_config(tmp_path / "c", lr=1e-2), progress=False)
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny_config(tmp_path, depth=6)
+    with pytest.raises(ValueError, match="steps"):
+        tiny_config(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="CUDA is not available|device"):
+        pretrain(tiny_config(tmp_path, device="tpu"), progress=False)
