@@ -1,0 +1,288 @@
+"""BIDS discovery: multi-echo GRE runs and the metadata QSM needs.
+
+Input images are ``anat/sub-X[_ses-Y][_acq-Z][_run-N]_echo-N_part-{mag,phase}_{MEGRE,T2starw}``
+(a single-echo run may omit ``echo-``). Files are grouped into runs by every entity but
+``echo`` and ``part``; each run must have a magnitude and a phase image for the same echoes
+1..N, on one grid, with ``EchoTime`` (s) in the sidecars. Problems raise
+:class:`BIDSError` with a one-line message that names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nb
+import numpy as np
+
+logger = logging.getLogger("qsmprep")
+
+#: Suffixes of the multi-echo gradient-echo images qsmprep reads.
+SUFFIXES = ("MEGRE", "T2starw")
+
+#: pybids entity name -> BIDS key, in BIDS filename order (sub and ses first).
+NAME_ENTITIES = {
+    "subject": "sub",
+    "session": "ses",
+    "acquisition": "acq",
+    "ceagent": "ce",
+    "reconstruction": "rec",
+    "run": "run",
+    "chunk": "chunk",
+}
+
+#: Entities that vary within one run.
+_WITHIN_RUN = {"echo", "part", "extension"}
+
+#: Affine agreement (mm) between the images of one run.
+AFFINE_TOL_MM = 1e-3
+
+
+class BIDSError(ValueError):
+    """The input dataset cannot be processed as it is; the message names the file."""
+
+
+@dataclass(frozen=True)
+class MEGRERun:
+    """One multi-echo GRE run: magnitude and phase files ordered by echo, and metadata.
+
+    ``echo_times`` are in seconds, ``field_strength`` in tesla (``None`` when the sidecars
+    lack ``MagneticFieldStrength``), ``phase_units`` the phase sidecar's ``Units``.
+    """
+
+    subject: str
+    session: str | None
+    entities: dict[str, Any]
+    suffix: str
+    mag_files: tuple[str, ...]
+    phase_files: tuple[str, ...]
+    echo_times: tuple[float, ...]
+    field_strength: float | None
+    phase_units: str | None
+    shape: tuple[int, ...]
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def prefix(self) -> str:
+        """The run's filename stem without echo/part/suffix, e.g. ``sub-01_ses-1_run-1``."""
+        parts = []
+        for ent, key in NAME_ENTITIES.items():
+            value = self.entities.get(ent)
+            if value is not None:
+                parts.append(f"{key}-{value}")
+        return "_".join(parts)
+
+    @property
+    def anat_dir(self) -> str:
+        """Relative folder of the run's outputs: ``sub-X[/ses-Y]/anat``."""
+        ses = f"/ses-{self.session}" if self.session else ""
+        return f"sub-{self.subject}{ses}/anat"
+
+
+def load_layout(bids_dir: Path | str):
+    """Index ``bids_dir`` with pybids (no validation here; see :mod:`qsmprep.cli.run`)."""
+    from bids import BIDSLayout
+
+    root = Path(bids_dir)
+    if not root.is_dir():
+        raise BIDSError(f"BIDS directory not found: {root}")
+    if not (root / "dataset_description.json").is_file():
+        raise BIDSError(f"{root} is not a BIDS dataset: dataset_description.json is missing")
+    return BIDSLayout(str(root), validate=False, derivatives=False)
+
+
+def select_participants(layout, labels: list[str] | None = None) -> list[str]:
+    """Participant labels to process: ``labels`` (without ``sub-``), or all in the dataset.
+
+    Raises :class:`BIDSError` naming the labels that are not in the dataset.
+    """
+    available = sorted(layout.get_subjects())
+    if labels is None:
+        return available
+    missing = [lab for lab in labels if lab not in available]
+    if missing:
+        raise BIDSError(
+            f"participant(s) not found in {layout.root}: {', '.join(missing)} "
+            f"(available: {', '.join(available) or 'none'})"
+        )
+    return list(labels)
+
+
+def collect_runs(
+    layout,
+    subject: str,
+    sessions: list[str] | None = None,
+    filters: dict[str, Any] | None = None,
+) -> list[MEGRERun]:
+    """All multi-echo GRE runs of one participant, checked and ordered by echo.
+
+    ``sessions`` restricts to these session labels; ``filters`` are extra pybids query
+    entities (the ``"megre"`` part of ``--bids-filter-file``).
+    """
+    query: dict[str, Any] = {
+        "datatype": "anat",
+        "suffix": list(SUFFIXES),
+        "part": ["mag", "phase"],
+        "extension": [".nii", ".nii.gz"],
+    }
+    query.update(filters or {})
+    query["subject"] = subject
+    if sessions:
+        query["session"] = sessions
+    files = layout.get(**query)
+    groups: dict[tuple, list] = defaultdict(list)
+    for f in files:
+        ents = f.get_entities()
+        key = tuple(sorted((k, str(v)) for k, v in ents.items() if k not in _WITHIN_RUN))
+        groups[key].append(f)
+    runs = sorted((_make_run(layout, group) for group in groups.values()), key=_run_order)
+    seen: dict[str, str] = {}
+    for run in runs:
+        name = f"{run.anat_dir}/{run.prefix}"
+        if name in seen:
+            raise BIDSError(
+                f"two runs would write the same outputs {name}_*: {Path(seen[name]).name} "
+                f"and {Path(run.mag_files[0]).name}; select one with --bids-filter-file"
+            )
+        seen[name] = run.mag_files[0]
+    return runs
+
+
+def _run_order(run: MEGRERun) -> tuple:
+    """Sort by session, acquisition, ..., run (numbers as numbers), then suffix."""
+    key = []
+    for ent in NAME_ENTITIES:
+        value = run.entities.get(ent)
+        text = "" if value is None else str(value)
+        key.append((0, int(text), text) if text.isdigit() else (1, 0, text))
+    return (*key, run.suffix, sorted((k, str(v)) for k, v in run.entities.items()))
+
+
+def _echo_number(f) -> int | None:
+    echo = f.get_entities().get("echo")
+    return None if echo is None else int(echo)
+
+
+def _make_run(layout, group: list) -> MEGRERun:
+    by_part: dict[str, dict[int | None, Any]] = {"mag": {}, "phase": {}}
+    for f in group:
+        part = f.get_entities()["part"]
+        echo = _echo_number(f)
+        if echo in by_part[part]:
+            raise BIDSError(
+                f"two {part} images for echo {echo}: {Path(by_part[part][echo].path).name} "
+                f"and {Path(f.path).name}"
+            )
+        by_part[part][echo] = f
+    mags, phases = by_part["mag"], by_part["phase"]
+    for have, lack, name in ((mags, phases, "phase"), (phases, mags, "magnitude")):
+        for echo, f in have.items():
+            if echo not in lack:
+                raise BIDSError(f"no {name} image matches {Path(f.path).name}")
+    echoes = list(mags)
+    if None in echoes and len(echoes) > 1:
+        f = mags[None]
+        raise BIDSError(f"{Path(f.path).name} has no echo- entity but its run has several echoes")
+    numbered = sorted(e for e in echoes if e is not None)
+    if numbered and numbered != list(range(1, len(numbered) + 1)):
+        missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
+        first = Path(mags[numbered[0]].path).name
+        raise BIDSError(
+            f"echo(es) {', '.join(map(str, missing))} missing for the run of {first} "
+            f"(found echoes {', '.join(map(str, numbered))})"
+        )
+    order = numbered or [None]
+    mag_files = [mags[e].path for e in order]
+    phase_files = [phases[e].path for e in order]
+
+    echo_times = []
+    meta0: dict[str, Any] = {}
+    for i, (m, p) in enumerate(zip(mag_files, phase_files, strict=True)):
+        m_meta, p_meta = layout.get_metadata(m), layout.get_metadata(p)
+        if i == 0:
+            meta0 = {**m_meta, **p_meta}
+        te_m, te_p = m_meta.get("EchoTime"), p_meta.get("EchoTime")
+        if te_p is None and te_m is None:
+            raise BIDSError(f"EchoTime missing from the sidecar of {Path(p).name}")
+        if te_p is not None and te_m is not None and abs(float(te_p) - float(te_m)) > 1e-6:
+            raise BIDSError(
+                f"EchoTime differs between {Path(m).name} ({te_m}) and {Path(p).name} ({te_p})"
+            )
+        te = float(te_p if te_p is not None else te_m)
+        if not 0 < te < 1:
+            raise BIDSError(f"EchoTime {te} in the sidecar of {Path(p).name} is not in seconds")
+        echo_times.append(te)
+    if any(b <= a for a, b in zip(echo_times, echo_times[1:], strict=False)):
+        raise BIDSError(
+            f"echo times of the run of {Path(mag_files[0]).name} do not increase with the echo "
+            f"number: {echo_times}"
+        )
+
+    shape = _check_grid(mag_files + phase_files)
+    b0 = meta0.get("MagneticFieldStrength")
+    ents = group[0].get_entities()
+    run_entities = {k: v for k, v in ents.items() if k not in _WITHIN_RUN}
+    return MEGRERun(
+        subject=str(ents["subject"]),
+        session=None if ents.get("session") is None else str(ents["session"]),
+        entities=run_entities,
+        suffix=str(ents["suffix"]),
+        mag_files=tuple(mag_files),
+        phase_files=tuple(phase_files),
+        echo_times=tuple(echo_times),
+        field_strength=None if b0 is None else float(b0),
+        phase_units=layout.get_metadata(phase_files[0]).get("Units"),
+        shape=shape,
+        metadata=meta0,
+    )
+
+
+def _check_grid(files: list[str]) -> tuple[int, ...]:
+    """Shape shared by ``files`` (3D, or 4D with one volume); error if shapes or affines differ."""
+    ref_shape, ref_affine, ref_name = None, None, None
+    for path in files:
+        img = nb.load(path)
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise BIDSError(f"{Path(path).name} is not a 3D image (shape {shape})")
+        if ref_shape is None:
+            ref_shape, ref_affine, ref_name = shape, img.affine, Path(path).name
+            continue
+        if shape != ref_shape:
+            raise BIDSError(f"{Path(path).name} has shape {shape} but {ref_name} has {ref_shape}")
+        if not np.allclose(img.affine, ref_affine, atol=AFFINE_TOL_MM):
+            raise BIDSError(f"{Path(path).name} and {ref_name} have different affines")
+    return ref_shape
+
+
+def field_strength(run: MEGRERun, fallback: float | None = None) -> float:
+    """The run's B0 in tesla: ``MagneticFieldStrength`` from the sidecar, else ``fallback``.
+
+    Without either, raises :class:`BIDSError` naming the file and the option to pass.
+    """
+    if run.field_strength is not None:
+        if fallback is not None and abs(fallback - run.field_strength) > 1e-3:
+            logger.warning(
+                "%s: MagneticFieldStrength %.3g T in the sidecar is used, not --field-strength %g",
+                run.prefix,
+                run.field_strength,
+                fallback,
+            )
+        return run.field_strength
+    if fallback is None:
+        raise BIDSError(
+            f"MagneticFieldStrength missing from the sidecar of {Path(run.phase_files[0]).name}; "
+            "pass the field strength in tesla with --field-strength"
+        )
+    return float(fallback)
+
+
+def bids_uri(path: str | Path, root: str | Path, dataset: str = "raw") -> str:
+    """``bids:<dataset>:<relative path>`` for a file inside the dataset at ``root``."""
+    rel = Path(path).absolute().relative_to(Path(root).absolute())
+    return f"bids:{dataset}:{rel.as_posix()}"

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``qsmprep`` (:mod:`.run`) and ``qsmprep-demo`` (:mod:`.demo`)."""

@@ -1,0 +1,327 @@
+"""Typed settings of a qsmprep run, from the command line and an optional TOML file.
+
+Only the top-level code (:mod:`qsmprep.cli.run`) reads a :class:`Config`; workflow
+factories take plain arguments, so any of them can be embedded elsewhere.
+
+Every long command-line option has a field of the same name (hyphens become
+underscores), and a TOML file passed with ``--config-file`` may set any of them::
+
+    unwrapping = "romeo"
+    bf-removal = "vsharp"
+    omp-nthreads = 2
+    participant-label = ["01", "02"]
+
+The command line wins over the TOML file, which wins over the defaults below.
+The defaults of the processing choices live in :data:`DEFAULT_METHODS` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+#: Default algorithm of each stage (the one place where they are set).
+#: The inversion stays RTS until the shipped adaptive U-Net beats it on the
+#: project's validation phantoms (docs/benchmarks.md).
+DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
+    {
+        "unwrapping": "laplacian",
+        "masking": "threshold",
+        "bf_removal": "vsharp",
+        "inversion": "rts",
+    }
+)
+
+#: Inversion methods that are not in :data:`qsmprep.qsm.inversion.METHODS` (torch code).
+EXTRA_INVERSIONS = ("adaptive-unet",)
+
+#: Phase-offset removal before the echo fit (MCPC-3D-S) is off by default.
+DEFAULT_MCPC3DS = False
+
+#: Exit codes (BIDS-Apps draft).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 16
+EXIT_NOTHING_SELECTED = 18
+EXIT_USAGE = 64
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong value; the message says which and why."""
+
+
+def method_choices() -> dict[str, tuple[str, ...]]:
+    """Names accepted for each stage, read from the method registries.
+
+    A method added to a registry (``METHODS`` in :mod:`qsmprep.qsm.unwrap`,
+    :mod:`~qsmprep.qsm.masking`, :mod:`~qsmprep.qsm.bgremove`,
+    :mod:`~qsmprep.qsm.inversion`) becomes a valid choice without any change here.
+    """
+    from .qsm import bgremove, inversion, masking, unwrap
+
+    return {
+        "unwrapping": tuple(unwrap.METHODS),
+        "masking": tuple(masking.METHODS),
+        "bf_removal": tuple(bgremove.METHODS),
+        "inversion": tuple(inversion.METHODS) + EXTRA_INVERSIONS,
+    }
+
+
+def _default_nprocs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class ExecutionConfig:
+    """What to process and where."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str = "participant"
+    work_dir: Path = field(default_factory=lambda: Path("work").absolute())
+    participant_label: list[str] | None = None
+    session_label: list[str] | None = None
+    bids_filter_file: Path | None = None
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    field_strength: float | None = None
+    verbose: int = 0
+
+
+@dataclass
+class ResourceConfig:
+    """Processes, threads and memory."""
+
+    nprocs: int = field(default_factory=_default_nprocs)
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    use_plugin: Path | None = None
+    plugin: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def threads(self) -> int:
+        """Threads per process: ``omp_nthreads``, or ``nprocs`` when it is not set."""
+        return self.omp_nthreads or self.nprocs
+
+
+@dataclass
+class WorkflowConfig:
+    """Algorithm choices (the registries' names) and their options."""
+
+    unwrapping: str = DEFAULT_METHODS["unwrapping"]
+    masking: str = DEFAULT_METHODS["masking"]
+    bf_removal: str = DEFAULT_METHODS["bf_removal"]
+    inversion: str = DEFAULT_METHODS["inversion"]
+    mcpc3ds: bool = DEFAULT_MCPC3DS
+    device: str = "auto"
+    model: Path | None = None
+
+
+@dataclass
+class Config:
+    """All settings of one qsmprep invocation."""
+
+    execution: ExecutionConfig
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Config:
+        """Build and validate from a flat mapping of option names to values.
+
+        Names use underscores (``bf_removal``) or hyphens (``bf-removal``); ``None``
+        values are ignored so that the defaults apply.
+        """
+        flat = {_key(k): v for k, v in options.items() if v is not None}
+        unknown = sorted(set(flat) - set(option_names()) - {"config_file"})
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        sections = {}
+        for name, section in _SECTIONS.items():
+            own = {f.name: flat[f.name] for f in fields(section) if f.name in flat}
+            sections[name] = own
+        if "bids_dir" not in sections["execution"] or "output_dir" not in sections["execution"]:
+            raise ConfigError("bids_dir and output_dir are required")
+        cfg = cls(
+            execution=ExecutionConfig(**sections["execution"]),
+            resources=ResourceConfig(**sections["resources"]),
+            workflow=WorkflowConfig(**sections["workflow"]),
+        )
+        cfg._normalise()
+        return cfg
+
+    def _normalise(self) -> None:
+        ex, res, wf = self.execution, self.resources, self.workflow
+        ex.bids_dir = Path(ex.bids_dir).absolute()
+        ex.output_dir = Path(ex.output_dir).absolute()
+        ex.work_dir = Path(ex.work_dir).absolute()
+        if ex.analysis_level not in ("participant", "group"):
+            raise ConfigError(
+                f"analysis level must be participant or group, not {ex.analysis_level!r}"
+            )
+        ex.participant_label = _labels(ex.participant_label, "sub-")
+        ex.session_label = _labels(ex.session_label, "ses-")
+        if ex.bids_filter_file is not None:
+            ex.bids_filter_file = Path(ex.bids_filter_file)
+            ex.bids_filters = load_bids_filters(ex.bids_filter_file)
+        if ex.field_strength is not None:
+            ex.field_strength = float(ex.field_strength)
+            if not 0 < ex.field_strength <= 30:
+                raise ConfigError(f"field strength must be in (0, 30] T, not {ex.field_strength}")
+        ex.verbose = int(ex.verbose)
+        res.nprocs = _positive_int(res.nprocs, "nprocs")
+        if res.omp_nthreads is not None:
+            res.omp_nthreads = _positive_int(res.omp_nthreads, "omp-nthreads")
+        if res.mem_gb is not None:
+            res.mem_gb = float(res.mem_gb)
+            if res.mem_gb <= 0:
+                raise ConfigError(f"mem-gb must be positive, not {res.mem_gb}")
+        if res.use_plugin is not None:
+            res.use_plugin = Path(res.use_plugin)
+            res.plugin = load_plugin(res.use_plugin)
+        choices = method_choices()
+        for stage, names in choices.items():
+            value = getattr(wf, stage)
+            if value not in names:
+                raise ConfigError(
+                    f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
+                )
+        from .workflows.qsm import check_methods
+
+        try:
+            check_methods(wf.unwrapping, wf.masking)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if wf.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, not {wf.device!r}")
+        if wf.model is not None:
+            wf.model = Path(wf.model).absolute()
+            if not wf.model.is_file():
+                raise ConfigError(f"model file not found: {wf.model}")
+        wf.mcpc3ds = bool(wf.mcpc3ds)
+
+
+_SECTIONS = {
+    "execution": ExecutionConfig,
+    "resources": ResourceConfig,
+    "workflow": WorkflowConfig,
+}
+
+#: Fields derived from others, never set directly.
+_DERIVED = {"bids_filters", "plugin"}
+
+
+def option_names() -> tuple[str, ...]:
+    """Every setting's name (underscored), i.e. the long options and TOML keys."""
+    return tuple(
+        f.name for section in _SECTIONS.values() for f in fields(section) if f.name not in _DERIVED
+    )
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _labels(values: list[str] | str | None, prefix: str) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    out = []
+    for v in values:
+        v = str(v)
+        v = v[len(prefix) :] if v.startswith(prefix) else v
+        if not v or not v.isalnum():
+            raise ConfigError(f"label {v!r} is not alphanumeric (BIDS labels are [a-zA-Z0-9]+)")
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, not {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"{name} must be at least 1, not {n}")
+    return n
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML settings file; keys are long option names (hyphens or underscores)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    out = {_key(k): v for k, v in data.items()}
+    nested = sorted(k for k, v in out.items() if isinstance(v, dict))
+    unknown = sorted(set(out) - set(option_names()) - set(nested))
+    if nested or unknown:
+        bad = ", ".join(nested + unknown)
+        raise ConfigError(f"config file {path}: unknown key(s) {bad}")
+    for positional in ("bids_dir", "output_dir", "analysis_level"):
+        if positional in out:
+            raise ConfigError(f"config file {path}: {positional} is given on the command line")
+    return out
+
+
+def load_bids_filters(path: Path) -> dict[str, Any]:
+    """Read a ``--bids-filter-file``: ``{"megre": {pybids entity: value, ...}}``.
+
+    The filters narrow the query for the multi-echo GRE images, e.g.
+    ``{"megre": {"acquisition": "highres", "run": 1}}``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"BIDS filter file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"BIDS filter file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or set(data) - {"megre"}:
+        raise ConfigError(
+            f'BIDS filter file {path} must be an object with the single key "megre", '
+            f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
+    filters = data.get("megre", {})
+    if not isinstance(filters, dict):
+        raise ConfigError(f'BIDS filter file {path}: "megre" must map entities to values')
+    return filters
+
+
+def load_plugin(path: Path) -> dict[str, Any]:
+    """Read a nipype plugin YAML: ``plugin: MultiProc`` and optional ``plugin_args: {...}``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"plugin file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"plugin file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "plugin" not in data:
+        raise ConfigError(f"plugin file {path} must set 'plugin' (e.g. MultiProc, SLURM)")
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"plugin file {path}: plugin_args must be a mapping")
+    return {"plugin": str(data["plugin"]), "plugin_args": args}

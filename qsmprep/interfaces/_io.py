@@ -1,0 +1,101 @@
+"""File and thread helpers shared by the interfaces (NIfTI in/out, side information, threads)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from ..qsm.sideinfo import SideInformation
+
+logger = logging.getLogger("qsmprep")
+
+
+def load(path: str, dtype=np.float32) -> tuple[np.ndarray, nb.Nifti1Image]:
+    """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image."""
+    img = nb.load(path)
+    return np.asarray(img.dataobj, dtype=dtype), img
+
+
+def load_mask(path: str) -> np.ndarray:
+    """A mask image as a boolean array (non-zero voxels)."""
+    return np.asarray(nb.load(path).dataobj) != 0
+
+
+def save_like(data: np.ndarray, ref: nb.Nifti1Image, path: str, dtype=np.float32) -> str:
+    """Save ``data`` on the grid of ``ref`` (same affine, sform/qform codes); return the path."""
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    img = nb.Nifti1Image(data.astype(dtype, copy=False), ref.affine)
+    sform, scode = ref.header.get_sform(coded=True)
+    qform, qcode = ref.header.get_qform(coded=True)
+    img.set_sform(ref.affine, code=int(scode) if sform is not None else 1)
+    img.set_qform(ref.affine, code=int(qcode) if qform is not None else 1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_data_dtype(dtype)
+    nb.save(img, path)
+    return os.path.abspath(path)
+
+
+def read_side_info(path: str) -> SideInformation:
+    """The side information written by :class:`~qsmprep.interfaces.qsm.PrepareEchoes`."""
+    return SideInformation.from_dict(json.loads(Path(path).read_text()))
+
+
+@contextmanager
+def thread_limits(n: int) -> Iterator[None]:
+    """Use ``n`` threads for scipy.fft and numba within the block."""
+    import numba
+    import scipy.fft
+
+    n = max(1, int(n))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with scipy.fft.set_workers(n):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+@contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Log the start and the duration of a processing stage (INFO on the ``qsmprep`` logger)."""
+    logger.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    logger.info("%s done in %.1f s", what, time.perf_counter() - t0)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers never see a partly written file, and an interrupted run leaves the old file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(obj: dict, path: Path) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)

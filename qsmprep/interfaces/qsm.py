@@ -1,0 +1,328 @@
+"""Thin nipype interfaces around :mod:`qsmprep.qsm`: load NIfTI, call one function, save NIfTI.
+
+Every numerical step lives in :mod:`qsmprep.qsm` (or :mod:`qsmprep.nn` for the U-Net);
+these classes only move data between files and those functions. Units on disk follow
+the package conventions: phase rad, echo times s, total field Hz, local field and chi ppm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..qsm.phase import scale_phase
+from ..qsm.sideinfo import SideInformation
+from ._io import load, load_mask, read_side_info, save_like, stage, thread_limits
+
+#: Affine agreement (mm) required between the echoes and parts of one run.
+AFFINE_TOL_MM = 1e-3
+
+
+class _PrepareEchoesInputSpec(BaseInterfaceInputSpec):
+    mag_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude, by echo")
+    phase_files = InputMultiObject(File(exists=True), mandatory=True, desc="phase, by echo")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    phase_units = traits.Either(
+        None, traits.Str, default=None, usedefault=True, desc="phase sidecar Units"
+    )
+
+
+class _PrepareEchoesOutputSpec(TraitedSpec):
+    out_mag = File(exists=True, desc="magnitude (X, Y, Z, E), float32")
+    out_phase = File(exists=True, desc="phase (X, Y, Z, E) in rad, [-pi, pi)")
+    side_info = File(exists=True, desc="JSON: VoxelSize (mm), B0Direction (voxel axes)")
+    phase_scaling = traits.Str(desc="how the stored phase was converted to radians")
+
+
+class PrepareEchoes(SimpleInterface):
+    """Stack the echoes, scale the phase to radians, and compute the side information.
+
+    Checks that every magnitude and phase image shares one 3D grid (shape and affine)
+    and that there is one echo time per echo.
+    """
+
+    input_spec = _PrepareEchoesInputSpec
+    output_spec = _PrepareEchoesOutputSpec
+
+    def _run_interface(self, runtime):
+        mags, phases = list(self.inputs.mag_files), list(self.inputs.phase_files)
+        tes = [float(t) for t in self.inputs.echo_times]
+        if not (len(mags) == len(phases) == len(tes)):
+            raise ValueError(
+                f"{len(mags)} magnitude, {len(phases)} phase images and {len(tes)} echo times: "
+                "need one of each per echo"
+            )
+        if any(t <= 0 for t in tes):
+            raise ValueError(f"echo times must be positive seconds, got {tes}")
+        ref_img, ref_path = None, mags[0]
+        mag_stack, phase_stack = [], []
+        for path_m, path_p in zip(mags, phases, strict=True):
+            m, img_m = load(path_m)
+            p, img_p = load(path_p, dtype=None)
+            for arr, img, path in ((m, img_m, path_m), (p, img_p, path_p)):
+                ref_img = img if ref_img is None else ref_img
+                _check_same_grid(arr, img, path, ref_img, ref_path)
+            mag_stack.append(m.reshape(m.shape[:3]))
+            phase_stack.append(p.reshape(p.shape[:3]))
+        # one scaling for the whole run: a vendor range is detected on all echoes together
+        phase, how = scale_phase(np.stack(phase_stack, axis=-1), self.inputs.phase_units)
+        cwd = runtime.cwd
+        self._results["out_mag"] = save_like(
+            np.stack(mag_stack, axis=-1), ref_img, os.path.join(cwd, "mag.nii.gz")
+        )
+        self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii.gz"))
+        side = SideInformation.from_affine(ref_img.affine).to_dict()
+        side_path = os.path.join(cwd, "side_info.json")
+        with open(side_path, "w") as f:
+            json.dump(side, f, indent=2)
+        self._results["side_info"] = side_path
+        self._results["phase_scaling"] = how
+        return runtime
+
+
+def _check_same_grid(arr, img, path, ref_img, ref_path) -> None:
+    shape = arr.shape[:3] if arr.ndim == 4 and arr.shape[3] == 1 else arr.shape
+    ref_shape = ref_img.shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"{os.path.basename(path)} is not a 3D image (shape {arr.shape})")
+    if tuple(shape) != tuple(ref_shape):
+        raise ValueError(
+            f"{os.path.basename(path)} has shape {tuple(shape)} but "
+            f"{os.path.basename(ref_path)} has {tuple(ref_shape)}"
+        )
+    if not np.allclose(img.affine, ref_img.affine, atol=AFFINE_TOL_MM):
+        raise ValueError(
+            f"{os.path.basename(path)} and {os.path.basename(ref_path)} have different affines"
+        )
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
+    method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.masking.METHODS")
+    quality = File(exists=True, desc="voxel quality in [0, 1] (for quality-based masking)")
+    params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="method parameters")
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="brain mask (uint8)")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask from the magnitude (and optionally a voxel-quality map)."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.masking import make_mask
+
+        mag, img = load(self.inputs.in_mag)
+        quality = load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
+        with stage(f"masking ({self.inputs.method})"):
+            mask = make_mask(mag, self.inputs.method, quality=quality, **self.inputs.params)
+        if not mask.any():
+            raise ValueError(f"the {self.inputs.method} brain mask is empty")
+        self._results["out_mask"] = save_like(
+            mask, img, os.path.join(runtime.cwd, "mask.nii.gz"), dtype=np.uint8
+        )
+        return runtime
+
+
+class _FieldMapInputSpec(BaseInterfaceInputSpec):
+    in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
+    in_phase = File(exists=True, mandatory=True, desc="phase (X, Y, Z, E), rad")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    mask = File(exists=True, desc="brain mask; without it the methods use the whole volume")
+    method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.unwrap.METHODS")
+    mcpc3ds = traits.Bool(False, usedefault=True, desc="remove the phase offset (MCPC-3D-S)")
+    fit_offset = traits.Bool(
+        True, usedefault=True, desc="fit a phase offset with the field (needs two echoes)"
+    )
+    params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="unwrapping parameters")
+    omp_nthreads = traits.Int(1, usedefault=True, desc="threads")
+
+
+class _FieldMapOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc="total field (Hz)")
+    quality = File(desc="voxel quality in [0, 1], when the method gives one")
+
+
+class FieldMap(SimpleInterface):
+    """Unwrap the phase of every echo and fit the total field (Hz) over echo time.
+
+    With ``mcpc3ds`` the echo-independent phase offset is removed first (MCPC-3D-S);
+    ``fit_offset`` fits ``phase = phi0 + 2 pi f TE`` instead of a line through the origin
+    (ignored for a single echo).
+    """
+
+    input_spec = _FieldMapInputSpec
+    output_spec = _FieldMapOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.phase import fit_field, mcpc3ds
+        from ..qsm.unwrap import unwrap_echoes
+
+        mag, img = load(self.inputs.in_mag)
+        phase = load(self.inputs.in_phase)[0]
+        mag, phase = _as_4d(mag), _as_4d(phase)
+        tes = np.asarray(self.inputs.echo_times, dtype=float)
+        side = read_side_info(self.inputs.side_info)
+        mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
+        with thread_limits(self.inputs.omp_nthreads):
+            if self.inputs.mcpc3ds:
+                with stage("phase-offset removal (MCPC-3D-S)"):
+                    phase = mcpc3ds(phase, mag, tes, side.voxel_size)
+            with stage(f"phase unwrapping ({self.inputs.method}, {len(tes)} echoes)"):
+                result = unwrap_echoes(
+                    phase,
+                    mag,
+                    tes,
+                    mask,
+                    side.voxel_size,
+                    self.inputs.method,
+                    **self.inputs.params,
+                )
+            with stage("echo fit"):
+                field_hz = fit_field(
+                    result.unwrapped,
+                    mag,
+                    tes,
+                    mask=mask,
+                    with_offset=self.inputs.fit_offset and len(tes) > 1,
+                )
+        self._results["total_field"] = save_like(
+            field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
+        )
+        if result.quality is not None:
+            self._results["quality"] = save_like(
+                result.quality, img, os.path.join(runtime.cwd, "quality.nii.gz")
+            )
+        return runtime
+
+
+def _as_4d(x: np.ndarray) -> np.ndarray:
+    return x[..., None] if x.ndim == 3 else x
+
+
+class _BackgroundRemovalInputSpec(BaseInterfaceInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    field_strength = traits.Float(mandatory=True, desc="B0 (T)")
+    method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.bgremove.METHODS")
+    params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="method parameters")
+    omp_nthreads = traits.Int(1, usedefault=True, desc="threads")
+
+
+class _BackgroundRemovalOutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc="local field (ppm)")
+    out_mask = File(exists=True, desc="mask in which the local field is valid")
+
+
+class BackgroundRemoval(SimpleInterface):
+    """Convert the total field to ppm and remove the background field."""
+
+    input_spec = _BackgroundRemovalInputSpec
+    output_spec = _BackgroundRemovalOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.bgremove import remove_background
+        from ..qsm.phase import hz_to_ppm
+
+        field_hz, img = load(self.inputs.total_field)
+        mask = load_mask(self.inputs.mask)
+        side = read_side_info(self.inputs.side_info)
+        field_ppm = hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
+        with (
+            thread_limits(self.inputs.omp_nthreads),
+            stage(f"background field removal ({self.inputs.method})"),
+        ):
+            local, mask_used = remove_background(
+                field_ppm,
+                mask,
+                side.voxel_size,
+                self.inputs.method,
+                b0_dir=side.b0_direction,
+                **self.inputs.params,
+            )
+        if not np.any(mask_used):
+            raise ValueError(f"no voxel left in the mask after {self.inputs.method}")
+        cwd = runtime.cwd
+        self._results["local_field"] = save_like(
+            np.where(mask_used, local, 0), img, os.path.join(cwd, "local_field_ppm.nii.gz")
+        )
+        self._results["out_mask"] = save_like(
+            mask_used, img, os.path.join(cwd, "mask_local.nii.gz"), dtype=np.uint8
+        )
+        return runtime
+
+
+class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
+    mask = File(exists=True, mandatory=True, desc="mask of valid local field")
+    side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    method = traits.Str(
+        mandatory=True, desc="a name in qsmprep.qsm.inversion.METHODS, or adaptive-unet"
+    )
+    params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="method parameters")
+    omp_nthreads = traits.Int(1, usedefault=True, desc="threads")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="adaptive-unet device")
+    model = File(exists=True, desc="adaptive-unet weights (default: the bundled model)")
+    mem_gb = traits.Float(desc="memory budget (GB) for adaptive-unet tiling")
+
+
+class _DipoleInversionOutputSpec(TraitedSpec):
+    chi_map = File(exists=True, desc="susceptibility (ppm), mean zero in the mask")
+
+
+class DipoleInversion(SimpleInterface):
+    """Dipole inversion of the local field, then referencing to the mean within the mask."""
+
+    input_spec = _DipoleInversionInputSpec
+    output_spec = _DipoleInversionOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.inversion import invert, reference
+
+        local, img = load(self.inputs.local_field)
+        mask = load_mask(self.inputs.mask)
+        side = read_side_info(self.inputs.side_info)
+        method = self.inputs.method
+        with thread_limits(self.inputs.omp_nthreads), stage(f"dipole inversion ({method})"):
+            if method == "adaptive-unet":
+                from ..nn.inference import invert_adaptive_unet
+
+                chi = invert_adaptive_unet(
+                    local,
+                    mask,
+                    side,
+                    model=self.inputs.model if isdefined(self.inputs.model) else None,
+                    device=self.inputs.device,
+                    mem_gb=self.inputs.mem_gb if isdefined(self.inputs.mem_gb) else None,
+                    nthreads=self.inputs.omp_nthreads,
+                    **self.inputs.params,
+                )
+            else:
+                chi = invert(
+                    local,
+                    mask,
+                    side.voxel_size,
+                    side.b0_direction,
+                    method,
+                    **self.inputs.params,
+                )
+            chi = reference(chi, mask)
+        self._results["chi_map"] = save_like(chi, img, os.path.join(runtime.cwd, "chi_ppm.nii.gz"))
+        return runtime

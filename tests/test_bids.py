@@ -1,0 +1,163 @@
+"""BIDS discovery: grouping, ordering, metadata and the errors for broken runs."""
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from qsmprep.bids import (
+    BIDSError,
+    bids_uri,
+    collect_runs,
+    field_strength,
+    load_layout,
+    select_participants,
+)
+
+
+def _write(root, name, shape=(4, 5, 6), affine=None, meta=None, sub="01", ses=None):
+    folder = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    folder.mkdir(parents=True, exist_ok=True)
+    img = nb.Nifti1Image(np.zeros(shape, np.float32), np.eye(4) if affine is None else affine)
+    nb.save(img, folder / f"{name}.nii.gz")
+    if meta is not None:
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+
+
+def _dataset(tmp_path, echoes=(1, 2, 3), tes=(0.004, 0.008, 0.012), b0=3.0, **kw):
+    root = tmp_path / "bids"
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "t", "BIDSVersion": "1.10.0"})
+    )
+    for e, te in zip(echoes, tes, strict=True):
+        for part in ("mag", "phase"):
+            meta = {"EchoTime": te}
+            if b0 is not None:
+                meta["MagneticFieldStrength"] = b0
+            if part == "phase":
+                meta["Units"] = "rad"
+            _write(root, f"sub-01_echo-{e}_part-{part}_MEGRE", meta=meta, **kw)
+    return root
+
+
+def test_runs_are_grouped_and_ordered_by_echo(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+                    tes=tuple(0.003 * k for k in range(1, 11)))  # fmt: skip
+    layout = load_layout(root)
+    (run,) = collect_runs(layout, "01")
+    assert run.echo_times == pytest.approx(tuple(0.003 * k for k in range(1, 11)))
+    # echo-10 sorts after echo-9, not after echo-1
+    assert run.mag_files[-1].endswith("echo-10_part-mag_MEGRE.nii.gz")
+    assert all("part-phase" in p for p in run.phase_files)
+    assert run.field_strength == 3.0 and run.phase_units == "rad"
+    assert run.prefix == "sub-01" and run.anat_dir == "sub-01/anat"
+    assert run.shape == (4, 5, 6)
+
+
+def test_sessions_acq_runs_make_separate_runs(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t"}))
+    for ses in ("a", "b"):
+        for run in (1, 2):
+            for part in ("mag", "phase"):
+                _write(root, f"sub-01_ses-{ses}_acq-hr_run-{run}_echo-1_part-{part}_MEGRE",
+                       meta={"EchoTime": 0.01}, ses=ses)  # fmt: skip
+    layout = load_layout(root)
+    runs = collect_runs(layout, "01")
+    assert [r.prefix for r in runs] == [
+        "sub-01_ses-a_acq-hr_run-1", "sub-01_ses-a_acq-hr_run-2",
+        "sub-01_ses-b_acq-hr_run-1", "sub-01_ses-b_acq-hr_run-2",
+    ]  # fmt: skip
+    assert runs[2].anat_dir == "sub-01/ses-b/anat"
+    assert [r.prefix for r in collect_runs(layout, "01", sessions=["b"])][0].startswith(
+        "sub-01_ses-b"
+    )
+    only = collect_runs(layout, "01", filters={"run": 2})
+    assert [r.prefix for r in only] == ["sub-01_ses-a_acq-hr_run-2", "sub-01_ses-b_acq-hr_run-2"]
+
+
+def test_single_echo_without_echo_entity(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t"}))
+    for part in ("mag", "phase"):
+        _write(root, f"sub-01_part-{part}_T2starw", meta={"EchoTime": 0.02})
+    (run,) = collect_runs(load_layout(root), "01")
+    assert run.echo_times == (0.02,) and run.suffix == "T2starw"
+    assert len(run.mag_files) == len(run.phase_files) == 1
+
+
+def test_missing_echo_names_the_run(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2, 4), tes=(0.004, 0.008, 0.016))
+    with pytest.raises(BIDSError, match=r"echo\(es\) 3 missing .*sub-01_echo-1_part-mag"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_phase_without_magnitude(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(0.004, 0.008))
+    (root / "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz").unlink()
+    with pytest.raises(BIDSError, match="no magnitude image matches sub-01_echo-2_part-phase"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_missing_echo_time_names_the_file(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(0.004, 0.008))
+    for part in ("mag", "phase"):
+        (root / f"sub-01/anat/sub-01_echo-2_part-{part}_MEGRE.json").write_text("{}")
+    with pytest.raises(BIDSError, match="EchoTime missing .*sub-01_echo-2_part-phase_MEGRE"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_echo_time_in_milliseconds_is_refused(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(4.0, 8.0))
+    with pytest.raises(BIDSError, match="not in seconds"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_shape_mismatch_names_both_files(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(0.004, 0.008))
+    _write(root, "sub-01_echo-2_part-phase_MEGRE", shape=(4, 5, 7))
+    with pytest.raises(BIDSError, match=r"echo-2_part-phase_MEGRE.nii.gz has shape \(4, 5, 7\)"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_affine_mismatch(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(0.004, 0.008))
+    _write(root, "sub-01_echo-2_part-mag_MEGRE", affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(BIDSError, match="different affines"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_field_strength_fallback(tmp_path):
+    root = _dataset(tmp_path, echoes=(1,), tes=(0.01,), b0=None)
+    (run,) = collect_runs(load_layout(root), "01")
+    with pytest.raises(BIDSError, match="MagneticFieldStrength missing .*--field-strength"):
+        field_strength(run)
+    assert field_strength(run, 7.0) == 7.0
+    root2 = _dataset(tmp_path / "b", echoes=(1,), tes=(0.01,), b0=3.0)
+    (run2,) = collect_runs(load_layout(root2), "01")
+    assert field_strength(run2, 7.0) == 3.0  # the sidecar wins
+
+
+def test_participant_selection(tmp_path):
+    root = _dataset(tmp_path)
+    layout = load_layout(root)
+    assert select_participants(layout) == ["01"]
+    assert select_participants(layout, ["01"]) == ["01"]
+    with pytest.raises(BIDSError, match="not found .*: 02"):
+        select_participants(layout, ["02"])
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(BIDSError, match="not found"):
+        load_layout(tmp_path / "nope")
+    with pytest.raises(BIDSError, match="dataset_description.json is missing"):
+        load_layout(tmp_path)
+
+
+def test_bids_uri(tmp_path):
+    f = tmp_path / "sub-01" / "anat" / "x.nii.gz"
+    assert bids_uri(f, tmp_path) == "bids:raw:sub-01/anat/x.nii.gz"
