@@ -1,0 +1,736 @@
+"""Background field removal: V-SHARP, PDF, LBV and iSMV.
+
+The total field inside the brain is the sum of the *local* field of the sources inside
+the mask and the *background* field of the sources outside it (air, bone, the rest of
+the body). The background field is harmonic inside the mask; each method here removes
+the harmonic part in its own way:
+
+- ``vsharp``: spherical mean value (SMV) filtering with kernels that shrink towards the
+  mask edge, then deconvolution of the largest kernel (Wu et al., MRM 2012).
+- ``pdf``: projection onto dipole fields, a least-squares fit of dipole sources outside
+  the mask to the field inside it (Liu et al., NMR Biomed 2011).
+- ``lbv``: Laplace's equation inside the mask with the field as Dirichlet boundary
+  value, solved by multigrid-preconditioned conjugate gradients (Zhou et al., NMR
+  Biomed 2014).
+- ``ismv``: iterative SMV, the background's mean value property inside the eroded mask
+  with the field on the removed shell as boundary value (Wen et al., MRM 2014).
+
+Every method is linear in the field: inputs may be in any field unit (Hz, ppm, rad at
+one echo) and the local field comes back in the same unit. The pipeline passes ppm.
+Each returns ``(local_field, mask_used)``: the local field (float32, zero outside
+``mask_used``) and the mask on which it is valid, which may be eroded from ``mask``.
+All methods leave the mean of the local field inside the mask unconstrained (the
+dipole kernel's ``D(0) = 0``): reference the susceptibility map afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numba
+import numpy as np
+import scipy.fft as sfft
+from scipy import ndimage
+
+from .dipole import crop, dipole_kernel, pad, padded_shape, sphere_kernel
+
+logger = logging.getLogger("qsmprep")
+
+Progress = Callable[[int, int], None] | None
+
+#: V-SHARP: radius (mm) of the largest SMV kernel.
+VSHARP_MAX_RADIUS_MM = 12.0
+#: V-SHARP: the most kernels used by default.
+VSHARP_MAX_KERNELS = 8
+
+
+# --------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _validate(
+    field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Check shapes and values; return float32 field, bool mask and the voxel size."""
+    field = np.asarray(field)
+    mask = np.asarray(mask)
+    if field.ndim != 3:
+        raise ValueError(f"field must be a 3D array, got shape {field.shape}")
+    if mask.shape != field.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
+    vs = tuple(float(v) for v in np.ravel(voxel_size))
+    if len(vs) != 3 or not all(v > 0 and math.isfinite(v) for v in vs):
+        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise ValueError("mask is empty")
+    f = field.astype(np.float32, copy=False)
+    if not np.isfinite(f[mask]).all():
+        raise ValueError("field has non-finite values inside the mask")
+    return f, mask, vs
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` grown by ``margin`` voxels, clipped to the array."""
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, mask.shape[axis])))
+    return tuple(out)
+
+
+def _conv_shape(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float):
+    """FFT shape holding ``shape`` plus a zero margin of ``radius_mm`` (no circular wrap)."""
+    return tuple(
+        sfft.next_fast_len(n + int(math.ceil(radius_mm / v)) + 1, real=True)
+        for n, v in zip(shape, voxel_size, strict=True)
+    )
+
+
+def _ball_count(voxel_size: Sequence[float], radius_mm: float) -> int:
+    """Number of voxels in the discrete ball of ``radius_mm`` (as in ``sphere_kernel``)."""
+    axes = [
+        np.arange(-math.ceil(radius_mm / v), math.ceil(radius_mm / v) + 1) * v for v in voxel_size
+    ]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    return int((r2 <= radius_mm**2).sum())
+
+
+def _smv_erode(mask_hat: np.ndarray, kernel: np.ndarray, shape, count: int) -> np.ndarray:
+    """Voxels whose whole SMV ball lies in the mask, from the mask's spectrum ``mask_hat``."""
+    frac = sfft.irfftn(mask_hat * kernel, s=shape)
+    return frac > 1.0 - 0.5 / count
+
+
+def _uncrop(x: np.ndarray, box: tuple[slice, ...], shape, dtype) -> np.ndarray:
+    out = np.zeros(shape, dtype=dtype)
+    out[box] = x
+    return out
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Inner product; ``einsum`` avoids multithreaded BLAS, which stalls on a busy machine."""
+    return float(np.einsum("i,i->", a.ravel(), b.ravel()))
+
+
+def _report(progress: Progress, name: str, it: int, max_iter: int, rel: float) -> None:
+    logger.debug("%s iteration %d/%d: relative residual %.3e", name, it, max_iter, rel)
+    if progress is not None:
+        progress(it, max_iter)
+
+
+# --------------------------------------------------------------------------------------
+# V-SHARP
+
+
+def default_vsharp_radii(voxel_size: Sequence[float]) -> list[float]:
+    """Default V-SHARP radii in mm, largest first: 12 mm down to ~2 voxels.
+
+    The smallest radius is ``max(2 * min(voxel_size), max(voxel_size))`` so that the
+    smallest sphere reaches a neighbour along every axis; at most
+    :data:`VSHARP_MAX_KERNELS` evenly spaced radii (12, 10, ..., 2 mm at 1 mm).
+    """
+    vs = [float(v) for v in voxel_size]
+    r_min = max(2 * min(vs), max(vs))
+    r_max = max(VSHARP_MAX_RADIUS_MM, r_min)
+    n = int(np.clip(round((r_max - r_min) / r_min) + 1, 1, VSHARP_MAX_KERNELS))
+    return [float(r) for r in np.linspace(r_max, r_min, n)]
+
+
+def vsharp(
+    field: np.ndarray,
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    radii_mm: Sequence[float] | None = None,
+    threshold: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """V-SHARP background removal (variable-radius SMV filtering and deconvolution).
+
+    Each voxel is high-pass filtered, ``f - S_r * f``, with the largest SMV kernel
+    ``S_r`` whose sphere fits inside ``mask``; the result is deconvolved with the largest
+    kernel, ``1 / (1 - S_rmax)`` truncated to zero where ``|1 - S_rmax| < threshold``.
+
+    Parameters
+    ----------
+    field
+        Total field ``(X, Y, Z)`` in any field unit (ppm in the pipeline).
+    mask
+        Brain mask ``(X, Y, Z)``.
+    voxel_size
+        Voxel size in mm.
+    radii_mm
+        SMV radii in mm; default :func:`default_vsharp_radii` (12 mm down to ~2 voxels).
+    threshold
+        Truncation threshold of the deconvolution, in ``(0, 1)``.
+
+    Returns
+    -------
+    local, mask_used
+        Local field in the unit of ``field`` (float32) and the mask eroded by the
+        smallest radius.
+    """
+    f, m, vs = _validate(field, mask, voxel_size)
+    radii = default_vsharp_radii(vs) if radii_mm is None else [float(r) for r in radii_mm]
+    if not radii or min(radii) <= 0:
+        raise ValueError(f"radii_mm must be positive, got {radii_mm!r}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    radii = sorted(set(radii), reverse=True)
+
+    box = _bbox(m)
+    mc = m[box]
+    shape = _conv_shape(mc.shape, vs, radii[0])
+    f_pad = pad(np.where(mc, f[box], np.float32(0)), shape)
+    f_hat = sfft.rfftn(f_pad)
+    m_hat = sfft.rfftn(pad(mc.astype(np.float32), shape))
+
+    high_pass = np.zeros(shape, dtype=np.float32)
+    done = np.zeros(shape, dtype=bool)
+    inverse = None
+    for r in radii:
+        s = sphere_kernel(shape, vs, r)
+        if inverse is None:
+            one_minus = 1 - s
+            small = np.abs(one_minus) < threshold
+            one_minus[small] = 1
+            inverse = np.where(small, np.float32(0), 1 / one_minus).astype(np.float32)
+        fits = _smv_erode(m_hat, s, shape, _ball_count(vs, r))
+        new = fits & ~done
+        if new.any():
+            smoothed = sfft.irfftn(f_hat * s, s=shape)
+            high_pass[new] = f_pad[new] - smoothed[new]
+            done |= fits
+        logger.debug("V-SHARP radius %.2f mm: %d voxels", r, int(new.sum()))
+    if not done.any():
+        raise ValueError(f"mask too small for V-SHARP: no sphere of {radii[-1]:g} mm fits inside")
+    local = sfft.irfftn(sfft.rfftn(high_pass) * inverse, s=shape)
+    local = np.where(done, local, 0).astype(np.float32)
+    return (
+        _uncrop(crop(local, mc.shape), box, m.shape, np.float32),
+        _uncrop(crop(done, mc.shape), box, m.shape, bool),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# PDF
+
+
+def pdf(
+    field: np.ndarray,
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    b0_dir: Sequence[float],
+    tol: float = 1e-5,
+    max_iter: int = 200,
+    weight: np.ndarray | None = None,
+    margin_mm: float | None = 10.0,
+    progress: Progress = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Projection onto dipole fields (PDF).
+
+    Fits susceptibility sources ``x`` outside ``mask`` to the field inside it,
+    ``min || W M (f - D (1 - M) x) ||``, by conjugate gradients on the normal equations
+    (CGLS); the background is their field ``D (1 - M) x`` and the local field is
+    ``M (f - background)``.
+
+    Parameters
+    ----------
+    field
+        Total field ``(X, Y, Z)`` in any field unit (ppm in the pipeline).
+    mask
+        Brain mask ``(X, Y, Z)``.
+    voxel_size
+        Voxel size in mm.
+    b0_dir
+        Unit B0 direction in voxel axes.
+    tol
+        Stop when the normal-equation residual falls below ``tol`` times its start.
+    max_iter
+        Most CG iterations (each costs two FFT pairs on the padded grid).
+    weight
+        Optional data weights ``(X, Y, Z)`` (e.g. magnitude, or 1 / field noise); default
+        uniform inside the mask. Scaled to a mean of 1 inside the mask.
+    margin_mm
+        The sources live outside the mask within its bounding box grown by this margin
+        (mm), which bounds the FFT grid (a few mm of shell represent the harmonic
+        background about as well as the whole array); ``None`` uses the whole array.
+        The FFT grid is not padded further (circular convolution, as the fit is).
+    progress
+        Optional callback ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    local, mask_used
+        Local field in the unit of ``field`` (float32) and ``mask`` itself.
+    """
+    f, m, vs = _validate(field, mask, voxel_size)
+    if b0_dir is None or np.asarray(b0_dir).shape != (3,):
+        raise ValueError("pdf needs b0_dir, a 3-vector in voxel axes")
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"tol must be > 0 and max_iter >= 1, got {tol}, {max_iter}")
+    if margin_mm is not None and margin_mm < 0:
+        raise ValueError(f"margin_mm must be >= 0 or None, got {margin_mm}")
+    if weight is None:
+        w = m.astype(np.float32)
+    else:
+        w = np.asarray(weight, dtype=np.float32)
+        if w.shape != m.shape:
+            raise ValueError(f"weight shape {w.shape} does not match field shape {m.shape}")
+        if not np.isfinite(w[m]).all() or (w[m] < 0).any() or not (w[m] > 0).any():
+            raise ValueError("weight must be finite, >= 0 and not all zero inside the mask")
+        w = np.where(m, w / w[m].mean(), np.float32(0)).astype(np.float32)
+
+    if margin_mm is None:
+        box = (slice(None),) * 3
+    else:
+        box = _bbox(m, margin=int(math.ceil(margin_mm / min(vs))))
+    mc = m[box]
+    shape = padded_shape(mc.shape, 1.0)
+    outside = ~pad(mc, shape)
+    if not outside.any():
+        raise ValueError("pdf needs voxels outside the mask to hold the background sources")
+    d = dipole_kernel(shape, vs, b0_dir)
+    w2 = pad(w[box] * w[box], shape)
+    fc = np.where(mc, f[box], np.float32(0))
+
+    def dipole(x: np.ndarray) -> np.ndarray:
+        return sfft.irfftn(sfft.rfftn(x) * d, s=shape)
+
+    def normal(x: np.ndarray) -> np.ndarray:
+        """``P D M W^2 M D P x``: the normal-equation operator of the outside fit."""
+        y = dipole(np.where(outside, x, np.float32(0)))
+        y *= w2
+        y = dipole(y)
+        y[~outside] = 0
+        return y
+
+    rhs = dipole(w2 * pad(fc, shape))
+    rhs[~outside] = 0
+    x = np.zeros(shape, dtype=np.float32)
+    r = rhs
+    p = r.copy()
+    gamma = gamma0 = _dot(r, r)
+    it, rel = 0, 0.0
+    while gamma0 > 0 and it < max_iter:
+        it += 1
+        q = normal(p)
+        alpha = gamma / _dot(p, q)
+        x += np.float32(alpha) * p
+        r -= np.float32(alpha) * q
+        gamma_new = _dot(r, r)
+        rel = math.sqrt(gamma_new / gamma0)
+        _report(progress, "PDF", it, max_iter, rel)
+        if rel < tol:
+            break
+        p *= np.float32(gamma_new / gamma)
+        p += r
+        gamma = gamma_new
+    logger.info("PDF: %d CG iterations, relative residual %.2e", it, rel)
+    local = np.where(mc, fc - crop(dipole(x), mc.shape), np.float32(0))
+    return _uncrop(local, box, m.shape, np.float32), m.copy()
+
+
+# --------------------------------------------------------------------------------------
+# LBV: multigrid-preconditioned CG for the Poisson problem on a masked grid.
+# A = -Laplacian (7-point, voxel-size aware) on the mask voxels, zero (Dirichlet) outside;
+# every mask handed to these kernels is False on the array border.
+
+
+@numba.njit(cache=True)
+def _neg_laplacian(x, mask, w, out):  # pragma: no cover - compiled
+    """``out = -Laplacian(x)`` on ``mask`` voxels, 0 elsewhere (``w = 1/h^2`` per axis)."""
+    nx, ny, nz = x.shape
+    w0, w1, w2 = w[0], w[1], w[2]
+    diag = 2.0 * (w0 + w1 + w2)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if mask[i, j, k]:
+                    out[i, j, k] = (
+                        diag * x[i, j, k]
+                        - w0 * (x[i - 1, j, k] + x[i + 1, j, k])
+                        - w1 * (x[i, j - 1, k] + x[i, j + 1, k])
+                        - w2 * (x[i, j, k - 1] + x[i, j, k + 1])
+                    )
+                else:
+                    out[i, j, k] = 0.0
+
+
+@numba.njit(cache=True)
+def _residual(x, b, mask, w, out):  # pragma: no cover - compiled
+    """``out = b - A x`` on ``mask`` voxels, 0 elsewhere."""
+    nx, ny, nz = x.shape
+    w0, w1, w2 = w[0], w[1], w[2]
+    diag = 2.0 * (w0 + w1 + w2)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if mask[i, j, k]:
+                    out[i, j, k] = b[i, j, k] - (
+                        diag * x[i, j, k]
+                        - w0 * (x[i - 1, j, k] + x[i + 1, j, k])
+                        - w1 * (x[i, j - 1, k] + x[i, j + 1, k])
+                        - w2 * (x[i, j, k - 1] + x[i, j, k + 1])
+                    )
+                else:
+                    out[i, j, k] = 0.0
+
+
+@numba.njit(cache=True)
+def _gauss_seidel(x, b, mask, w, color):  # pragma: no cover - compiled
+    """One red-black Gauss-Seidel half sweep over voxels with ``(i+j+k) % 2 == color``."""
+    nx, ny, nz = x.shape
+    w0, w1, w2 = w[0], w[1], w[2]
+    inv_diag = 1.0 / (2.0 * (w0 + w1 + w2))
+    for i in range(1, nx - 1):
+        for j in range(1, ny - 1):
+            for k in range(1 + (i + j + 1 + color) % 2, nz - 1, 2):
+                if mask[i, j, k]:
+                    x[i, j, k] = inv_diag * (
+                        b[i, j, k]
+                        + w0 * (x[i - 1, j, k] + x[i + 1, j, k])
+                        + w1 * (x[i, j - 1, k] + x[i, j + 1, k])
+                        + w2 * (x[i, j, k - 1] + x[i, j, k + 1])
+                    )
+
+
+@numba.njit(cache=True)
+def _restrict(fine, coarse_mask, out):  # pragma: no cover - compiled
+    """Full-weighting restriction (vertex-centred: coarse ``I`` sits on fine ``2I``)."""
+    nx, ny, nz = fine.shape
+    cx, cy, cz = out.shape
+    for ci in range(cx):
+        for cj in range(cy):
+            for ck in range(cz):
+                if not coarse_mask[ci, cj, ck]:
+                    out[ci, cj, ck] = 0.0
+                    continue
+                acc = 0.0
+                for a in range(-1, 2):
+                    i = 2 * ci + a
+                    if i < 0 or i >= nx:
+                        continue
+                    wa = 1.0 if a == 0 else 0.5
+                    for b in range(-1, 2):
+                        j = 2 * cj + b
+                        if j < 0 or j >= ny:
+                            continue
+                        wb = wa if b == 0 else 0.5 * wa
+                        for c in range(-1, 2):
+                            k = 2 * ck + c
+                            if k < 0 or k >= nz:
+                                continue
+                            acc += (wb if c == 0 else 0.5 * wb) * fine[i, j, k]
+                out[ci, cj, ck] = acc * 0.125
+
+
+@numba.njit(cache=True)
+def _prolong_add(coarse, fine_mask, out):  # pragma: no cover - compiled
+    """``out += P coarse`` with trilinear interpolation, on ``fine_mask`` voxels only."""
+    nx, ny, nz = out.shape
+    cx, cy, cz = coarse.shape
+    for i in range(nx):
+        i0 = i // 2
+        ni = 1 + (i & 1)
+        for j in range(ny):
+            j0 = j // 2
+            nj = 1 + (j & 1)
+            for k in range(nz):
+                if not fine_mask[i, j, k]:
+                    continue
+                k0 = k // 2
+                nk = 1 + (k & 1)
+                wgt = 1.0 / (ni * nj * nk)
+                acc = 0.0
+                for a in range(ni):
+                    if i0 + a >= cx:
+                        continue
+                    for b in range(nj):
+                        if j0 + b >= cy:
+                            continue
+                        for c in range(nk):
+                            if k0 + c < cz:
+                                acc += coarse[i0 + a, j0 + b, k0 + c]
+                out[i, j, k] += wgt * acc
+
+
+def _clear_border(mask: np.ndarray) -> np.ndarray:
+    mask[0], mask[-1] = False, False
+    mask[:, 0], mask[:, -1] = False, False
+    mask[:, :, 0], mask[:, :, -1] = False, False
+    return mask
+
+
+class _Multigrid:
+    """Symmetric V-cycle for the masked Poisson problem, used as a CG preconditioner.
+
+    Vertex-centred coarsening by injection of the mask, full weighting restriction,
+    trilinear prolongation (``R = P^T / 8``), rediscretised coarse operators, red-black
+    Gauss-Seidel smoothing with the post-smoother the adjoint of the pre-smoother, so
+    the V-cycle is a symmetric positive definite preconditioner.
+    """
+
+    def __init__(self, mask: np.ndarray, voxel_size: Sequence[float], smooth: int = 2):
+        self.smooth = smooth
+        self.masks = [_clear_border(mask.copy())]
+        self.weights = [1.0 / np.asarray(voxel_size, dtype=np.float64) ** 2]
+        while min(self.masks[-1].shape) >= 7 and len(self.masks) < 10:
+            coarse = _clear_border(self.masks[-1][::2, ::2, ::2].copy())
+            if coarse.sum() < 8:
+                break
+            self.masks.append(coarse)
+            self.weights.append(self.weights[-1] / 4.0)
+        self.coarse_sweeps = 2 * max(self.masks[-1].shape)
+
+    def __call__(self, b: np.ndarray) -> np.ndarray:
+        return self._cycle(0, b)
+
+    def _cycle(self, level: int, b: np.ndarray) -> np.ndarray:
+        mask, w = self.masks[level], self.weights[level]
+        x = np.zeros_like(b)
+        if level == len(self.masks) - 1:
+            for _ in range(self.coarse_sweeps):
+                _gauss_seidel(x, b, mask, w, 0)
+                _gauss_seidel(x, b, mask, w, 1)
+            for _ in range(self.coarse_sweeps):
+                _gauss_seidel(x, b, mask, w, 1)
+                _gauss_seidel(x, b, mask, w, 0)
+            return x
+        for _ in range(self.smooth):
+            _gauss_seidel(x, b, mask, w, 0)
+            _gauss_seidel(x, b, mask, w, 1)
+        r = np.empty_like(b)
+        _residual(x, b, mask, w, r)
+        coarse_mask = self.masks[level + 1]
+        rc = np.empty(coarse_mask.shape, dtype=b.dtype)
+        _restrict(r, coarse_mask, rc)
+        _prolong_add(self._cycle(level + 1, rc), mask, x)
+        for _ in range(self.smooth):
+            _gauss_seidel(x, b, mask, w, 1)
+            _gauss_seidel(x, b, mask, w, 0)
+        return x
+
+
+def lbv(
+    field: np.ndarray,
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    progress: Progress = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Laplacian boundary value (LBV) background removal.
+
+    The background ``b`` solves Laplace's equation inside the mask with ``b = field`` on
+    the mask's outer voxel layer, so the local field ``field - b`` solves the Poisson
+    problem ``Laplacian(local) = Laplacian(field)`` with ``local = 0`` on that layer.
+    The 7-point Poisson problem is solved by conjugate gradients preconditioned with
+    a geometric multigrid V-cycle.
+
+    Parameters
+    ----------
+    field
+        Total field ``(X, Y, Z)`` in any field unit (ppm in the pipeline).
+    mask
+        Brain mask ``(X, Y, Z)``.
+    voxel_size
+        Voxel size in mm.
+    tol
+        Stop when the residual norm falls below ``tol`` times the right-hand side's.
+    max_iter
+        Most CG iterations (each costs one V-cycle).
+    progress
+        Optional callback ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    local, mask_used
+        Local field in the unit of ``field`` (float32) and the mask without its
+        boundary layer (6-connected erosion by one voxel), where ``local`` is defined.
+    """
+    f, m, vs = _validate(field, mask, voxel_size)
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"tol must be > 0 and max_iter >= 1, got {tol}, {max_iter}")
+    box = _bbox(m, margin=1)
+    mc = np.pad(m[box], 1)  # a border of non-mask voxels around the box
+    fc = np.pad(np.where(m[box], f[box], 0).astype(np.float64), 1)
+    interior = _clear_border(ndimage.binary_erosion(mc))
+    if not interior.any():
+        raise ValueError("mask has no interior voxels for LBV (it is one voxel thick)")
+    w = 1.0 / np.asarray(vs, dtype=np.float64) ** 2
+
+    rhs = np.zeros_like(fc)
+    _neg_laplacian(fc, interior, w, rhs)  # uses the field on the boundary layer
+    precond = _Multigrid(interior, vs)
+    x = np.zeros_like(fc)
+    r = rhs.copy()
+    norm_b = math.sqrt(_dot(rhs, rhs))
+    q = np.empty_like(fc)
+    it, rel = 0, 0.0
+    if norm_b > 0:
+        z = precond(r)
+        p = z.copy()
+        rz = _dot(r, z)
+        for it in range(1, max_iter + 1):
+            _neg_laplacian(p, interior, w, q)
+            alpha = rz / _dot(p, q)
+            x += alpha * p
+            r -= alpha * q
+            rel = math.sqrt(_dot(r, r)) / norm_b
+            _report(progress, "LBV", it, max_iter, rel)
+            if rel < tol:
+                break
+            z = precond(r)
+            rz_new = _dot(r, z)
+            p *= rz_new / rz
+            p += z
+            rz = rz_new
+    logger.info("LBV: %d MG-PCG iterations, relative residual %.2e", it, rel)
+    inner = (slice(1, -1),) * 3
+    return (
+        _uncrop(x[inner].astype(np.float32), box, m.shape, np.float32),
+        _uncrop(interior[inner], box, m.shape, bool),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# iSMV
+
+
+def ismv(
+    field: np.ndarray,
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    radius_mm: float | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 500,
+    progress: Progress = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative spherical mean value (iSMV) background removal.
+
+    Inside the mask eroded by the SMV radius, ``E``, the harmonic background equals its
+    own spherical mean, ``b = S * b``; on the removed shell it is taken as the field.
+    iSMV iterates ``b <- E (S * b) + shell * field``; this solves the same fixed point,
+    ``(I - E S E) b = E S (shell * field)``, by conjugate gradients (the operator is
+    symmetric positive definite), which needs far fewer iterations. The local field is
+    ``E (field - b)``.
+
+    Parameters
+    ----------
+    field
+        Total field ``(X, Y, Z)`` in any field unit (ppm in the pipeline).
+    mask
+        Brain mask ``(X, Y, Z)``.
+    voxel_size
+        Voxel size in mm.
+    radius_mm
+        SMV radius in mm; default two of the largest voxel dimension.
+    tol
+        Stop when the residual (the size of one fixed-point update) falls below ``tol``
+        times its start (the first update of the iteration from the total field).
+    max_iter
+        Most CG iterations (each costs one FFT pair).
+    progress
+        Optional callback ``progress(iteration, max_iter)``.
+
+    Returns
+    -------
+    local, mask_used
+        Local field in the unit of ``field`` (float32) and the eroded mask ``E``.
+    """
+    f, m, vs = _validate(field, mask, voxel_size)
+    radius = 2 * max(vs) if radius_mm is None else float(radius_mm)
+    if radius <= 0:
+        raise ValueError(f"radius_mm must be positive, got {radius_mm}")
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"tol must be > 0 and max_iter >= 1, got {tol}, {max_iter}")
+    box = _bbox(m)
+    mc = m[box]
+    shape = _conv_shape(mc.shape, vs, radius)
+    s = sphere_kernel(shape, vs, radius)
+    m_pad = pad(mc, shape)
+    f_pad = pad(np.where(mc, f[box], np.float32(0)), shape)
+    eroded = _smv_erode(sfft.rfftn(m_pad.astype(np.float32)), s, shape, _ball_count(vs, radius))
+    eroded &= m_pad
+    if not eroded.any():
+        raise ValueError(f"mask too small for iSMV: no sphere of {radius:g} mm fits inside")
+
+    def smv(x: np.ndarray) -> np.ndarray:
+        return sfft.irfftn(sfft.rfftn(x) * s, s=shape)
+
+    def operator(x: np.ndarray) -> np.ndarray:
+        y = x - smv(x)
+        y[~eroded] = 0
+        return y
+
+    shell = np.where(m_pad & ~eroded, f_pad, np.float32(0))
+    rhs = smv(shell)
+    rhs[~eroded] = 0
+    x = np.where(eroded, f_pad, np.float32(0))  # the iSMV start: the total field
+    r = rhs - operator(x)
+    norm0 = math.sqrt(_dot(r, r))
+    p = r.copy()
+    rr = _dot(r, r)
+    rel = math.sqrt(rr) / norm0 if norm0 > 0 else 0.0
+    it = 0
+    while rel >= tol and it < max_iter:
+        it += 1
+        q = operator(p)
+        alpha = rr / _dot(p, q)
+        x += np.float32(alpha) * p
+        r -= np.float32(alpha) * q
+        rr_new = _dot(r, r)
+        rel = math.sqrt(rr_new) / norm0
+        _report(progress, "iSMV", it, max_iter, rel)
+        p *= np.float32(rr_new / rr)
+        p += r
+        rr = rr_new
+    logger.info("iSMV: %d CG iterations, relative residual %.2e", it, rel)
+    local = np.where(eroded, f_pad - x, np.float32(0)).astype(np.float32)
+    return (
+        _uncrop(crop(local, mc.shape), box, m.shape, np.float32),
+        _uncrop(crop(eroded, mc.shape), box, m.shape, bool),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# registry and dispatcher
+
+#: Background removal methods by name.
+METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "vsharp": vsharp,
+    "pdf": pdf,
+    "lbv": lbv,
+    "ismv": ismv,
+}
+
+#: Methods that need the B0 direction.
+NEEDS_B0 = frozenset({"pdf"})
+
+
+def remove_background(
+    field: np.ndarray,
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    method: str,
+    b0_dir: Sequence[float] | None = None,
+    **params,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove the background field with ``method`` (a key of :data:`METHODS`).
+
+    ``field`` in any field unit (ppm in the pipeline), ``voxel_size`` in mm, ``b0_dir``
+    the unit B0 direction in voxel axes (needed by ``pdf``, ignored by the others);
+    ``params`` go to the method. Returns ``(local_field, mask_used)`` as the methods do.
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown background removal method {method!r}; choose from {sorted(METHODS)}"
+        )
+    if method in NEEDS_B0:
+        if b0_dir is None:
+            raise ValueError(f"background removal method {method!r} needs b0_dir")
+        return METHODS[method](field, mask, voxel_size, b0_dir, **params)
+    return METHODS[method](field, mask, voxel_size, **params)
