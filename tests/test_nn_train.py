@@ -1,12 +1,18 @@
 """Pre-training and transfer learning of the adaptive U-Net on tiny problems."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from qsmprep.nn.synth import SynthConfig, SyntheticQSMDataset, simulate_local_field
+from qsmprep.nn.synth import (
+    SynthConfig,
+    SyntheticQSMDataset,
+    random_shapes_chi,
+    simulate_local_field,
+)
 from qsmprep.nn.train import (
     CHECKPOINT,
     HISTORY,
@@ -19,7 +25,15 @@ from qsmprep.nn.train import (
     make_optimizer,
     pretrain,
 )
-from qsmprep.nn.weights import load_card, load_model
+from qsmprep.nn.transfer import (
+    TransferConfig,
+    discover_pairs,
+    load_pair,
+    random_patch,
+    transfer_learn,
+)
+from qsmprep.nn.weights import file_sha256, load_card, load_model, save_model
+from qsmprep.qsm.sideinfo import SideInformation
 
 TINY_SYNTH = SynthConfig(patch_size=(16, 16, 16), head_prob=0.0)
 
@@ -142,3 +156,124 @@ def test_bad_settings_are_rejected(tmp_path):
         tiny_config(tmp_path, steps=0)
     with pytest.raises(ValueError, match="CUDA is not available|device"):
         pretrain(tiny_config(tmp_path, device="tpu"), progress=False)
+
+
+# ------------------------------------------------------------------ transfer learning
+
+
+def _write_nifti(path, data, affine, meta=None):
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
+    if meta is not None:
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
+
+
+def _oblique_affine(voxel_size, tilt_deg):
+    t = np.radians(tilt_deg)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag(voxel_size)
+    return aff
+
+
+@pytest.fixture
+def derivatives(tmp_path):
+    """Three subjects: local field, COSMOS-like reference, qsmprep's own Chimap, mask."""
+    root = tmp_path / "derivatives"
+    vs = (1.0, 1.0, 2.0)
+    aff = _oblique_affine(vs, 20.0)
+    b0 = SideInformation.from_affine(aff).b0_direction
+    for i, sub in enumerate(("01", "02", "03")):
+        chi, mask = random_shapes_chi((24, 24, 16), vs, np.random.default_rng(i))
+        field = simulate_local_field(chi, mask, vs, b0, pad_factor=3.0)  # ~no wrap-around
+        anat = root / f"sub-{sub}" / "anat"
+        _write_nifti(anat / f"sub-{sub}_localfield.nii.gz", field, aff, {"Units": "ppm"})
+        _write_nifti(anat / f"sub-{sub}_desc-COSMOS_Chimap.nii.gz", chi, aff, {"Units": "ppm"})
+        _write_nifti(anat / f"sub-{sub}_Chimap.nii.gz", 0 * chi, aff, {"Units": "ppm"})
+        _write_nifti(anat / f"sub-{sub}_desc-brain_mask.nii.gz", mask.astype(np.uint8), aff)
+    return root
+
+
+def test_discover_pairs_follows_the_naming_convention(derivatives):
+    pairs = discover_pairs(derivatives)
+    assert [p.key for p in pairs] == ["sub-01", "sub-02", "sub-03"]
+    assert [p.subject for p in pairs] == ["01", "02", "03"]
+    assert all(p.chi.name.endswith("_desc-COSMOS_Chimap.nii.gz") for p in pairs)  # not our own
+    assert all(p.mask is not None for p in pairs)
+    anat = derivatives / "sub-01" / "anat"
+    (anat / "sub-01_desc-iLSQR_Chimap.nii.gz").write_bytes(
+        (anat / "sub-01_desc-COSMOS_Chimap.nii.gz").read_bytes()
+    )
+    with pytest.raises(ValueError, match="several reference Chimap.*--reference-desc"):
+        discover_pairs(derivatives)
+    assert len(discover_pairs(derivatives, reference_desc="COSMOS")) == 3
+    with pytest.raises(ValueError, match="no \\(local field, reference chi\\) pairs"):
+        discover_pairs(derivatives, reference_desc="STI")
+
+
+def test_load_pair_side_information_and_units(derivatives):
+    files = discover_pairs(derivatives)[0]
+    pair = load_pair(files)
+    assert pair.field.dtype == np.float32 and pair.mask.dtype == bool
+    assert pair.side_info.voxel_size == pytest.approx((1.0, 1.0, 2.0))
+    assert np.degrees(np.arccos(pair.side_info.b0_direction[2])) == pytest.approx(20.0)
+    # A SideInformation entry in the sidecar wins over the affine.
+    meta = {"Units": "ppm", "SideInformation": {"VoxelSize": [1, 1, 2], "B0Direction": [0, 0, 1]}}
+    files.field.with_name("sub-01_localfield.json").write_text(json.dumps(meta))
+    assert load_pair(files).side_info.b0_direction == (0.0, 0.0, 1.0)
+    files.field.with_name("sub-01_localfield.json").write_text(json.dumps({"Units": "Hz"}))
+    with pytest.raises(ValueError, match="sub-01_localfield.nii.gz: Units is 'Hz'"):
+        load_pair(files)
+
+
+def test_flipped_patches_stay_physically_consistent(derivatives):
+    pair = load_pair(discover_pairs(derivatives)[1])
+    rng = np.random.default_rng(5)
+    flipped = 0
+    for _ in range(4):
+        p = random_patch(pair, (48, 48, 32), rng)  # twice the volume: all sources inside
+        b = p["side"][3:]
+        flipped += not np.allclose(b, pair.side_info.b0_direction)
+        want = simulate_local_field(p["chi"], p["mask"], p["side"][:3], b, pad_factor=3.0)
+        err = np.abs(p["field"] - want).max() / np.abs(want).max()
+        assert err < 0.01, err  # an unflipped B0 component would give errors of ~50 %
+    assert flipped >= 1
+
+
+def test_transfer_learning_freezes_the_adaptive_layer(derivatives, tmp_path):
+    base = build_model(tiny_config("unused"))
+    base_path = tmp_path / "base.pt"
+    save_model(base, base_path, {"description": "tiny test base"})
+    before = {k: v.clone() for k, v in load_model(base_path).state_dict().items()}
+    cfg = TransferConfig(
+        out=str(tmp_path / "tl.pt"),
+        steps=3,
+        batch_size=2,
+        patch_size=(16, 16, 16),
+        val_subjects=("03",),
+        val_patches=2,
+        device="cpu",
+    )
+    res = transfer_learn(base_path, discover_pairs(derivatives), cfg, progress=False)
+    after = load_model(res.weights)
+    names = dict(after.named_parameters())
+
+    def max_change(prefix):
+        return max(
+            float((names[k].detach() - before[k]).abs().max())
+            for k in names
+            if k.startswith(prefix)
+        )
+
+    assert max_change("adaptive.") == 0  # frozen
+    assert max_change("up.") > 5e-4 and max_change("dec.") > 5e-4  # lr 1e-3
+    assert 0 < max_change("down.") < 1e-4 and max_change("head.") < 1e-4  # lr 1e-5
+    card = load_card(res.weights)
+    assert card["base_model"]["sha256"] == file_sha256(base_path)
+    assert card["data"]["train_pairs"] == ["sub-01", "sub-02"]
+    assert card["data"]["validation_pairs"] == ["sub-03"]
+    assert {"validation_before", "validation"} <= set(card["metrics"])
+    with pytest.raises(ValueError, match="validation subjects not found"):
+        transfer_learn(base_path, discover_pairs(derivatives), replace(cfg, val_subjects=("9",)))

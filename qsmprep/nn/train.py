@@ -393,7 +393,7 @@ def pretrain(
         cfg.synth, "train", cfg.seed, start=step * cfg.batch_size, batch_size=cfg.batch_size
     )
     last_val = next((h["val"] for h in reversed(history) if "val" in h), {})
-    bar = _progress_bar(cfg.steps, step, progress)
+    bar = progress_bar(cfg.steps, step, progress)
     model.train()
     done_here = 0
     batches = iter(train_ds)
@@ -473,7 +473,8 @@ def pretrain(
     return TrainResult(weights, sha, step, elapsed, last_val)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over optimisation steps (disabled when ``enabled`` is false)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", smoothing=0.05)
