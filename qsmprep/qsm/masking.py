@@ -20,7 +20,7 @@ NOISE_PERCENTILE = 10.0
 #: Default threshold, in multiples of the noise level.
 NOISE_FACTOR = 8.0
 #: The threshold never exceeds this fraction of the 99th-percentile (signal) level.
-SIGNAL_FRACTION = 0.1
+SIGNAL_FRACTION = 0.25
 #: Default erosion, in voxels.
 ERODE = 1
 
@@ -74,7 +74,7 @@ def robust_threshold_mask(
     magnitude (the lowest voxels are background noise when at least about a third of the
     field of view is background); the threshold is ``factor`` times that level, capped at
     ``signal_fraction`` of the 99th percentile so that low-SNR data keep their tissue.
-    With the defaults (10th percentile, 8x, 0.1) the threshold lies 3.7 to 7 Rayleigh
+    With the defaults (10th percentile, 8x, 0.25) the threshold lies 3.7 to 7 Rayleigh
     noise widths above zero for a background of 100 down to 30 % of the voxels. Then the
     largest component is kept, holes filled (``fill_holes``) and the mask eroded by
     ``erode`` voxels. ``mag`` is ``(X, Y, Z)`` or ``(X, Y, Z, E)`` (combined by

@@ -23,10 +23,13 @@ count as 0): a good mask input.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 from numba import njit, prange
+
+log = logging.getLogger("qsmprep")
 
 #: Number of weight bins of the priority queue (bin 0 marks an invalid edge).
 NBINS = 256
@@ -162,15 +165,14 @@ def _push_edges(v, shape, strides, bins, region, head, nxt, state):
 
 
 @njit(cache=True)
-def _grow(phase, p2, te_ratio, bins, shape, order, region):
+def _grow(phase, p2, te_ratio, bins, shape, order, region, nxt):
     """Unwrap ``phase`` (flat, in place) by region growing; label regions in ``region``.
 
-    Each voxel enters the queue's edges once, so a singly linked list per bin over the
-    edge indices is the whole priority queue. Returns the number of regions.
+    Each edge enters the queue at most once, so a singly linked list per bin through
+    ``nxt`` (one slot per edge) is the whole priority queue. Returns the number of regions.
     """
     strides = (shape[1] * shape[2], shape[2], 1)
-    head = np.full(NBINS, -1, dtype=np.int64)
-    nxt = np.empty(bins.size, dtype=np.int64)
+    head = np.full(NBINS, -1, dtype=nxt.dtype)
     state = np.zeros(2, dtype=np.int64)  # [lowest possibly non-empty bin, queue size]
     use_p2 = p2.size == phase.size
     nregions = 0
@@ -287,12 +289,11 @@ def romeo_unwrap(
     ``mask`` a bool ``(X, Y, Z)`` to unwrap in (default: every finite voxel).
 
     Echo 1 is unwrapped spatially, using echo 2 for the phase-gradient coherence, and
-    each later echo temporally against the previous one scaled by TE. The seed of each
-    region takes the 2 pi multiple most consistent with echo 2; with several echoes,
-    each region is then shifted by the 2 pi multiple that brings its most common
-    intercept of phase vs TE nearest zero, so remove a large phase offset (MCPC-3D-S)
-    first. Returns float32 unwrapped phase (rad, shape of ``phase``, 0 outside the
-    mask) and the voxel quality ``(X, Y, Z)`` in [0, 1].
+    each later echo temporally against the previous one scaled by TE (remove a large
+    phase offset with MCPC-3D-S first, or the scaled prediction is off). The seed of each
+    region keeps its wrapped value (single echo) or takes the 2 pi multiple, within
+    +-2, most consistent with echo 2 scaled by TE. Returns float32 unwrapped phase (rad,
+    shape of ``phase``, 0 outside the mask) and the voxel quality ``(X, Y, Z)`` in [0, 1].
     """
     ph = np.asarray(phase, dtype=np.float32)
     single = ph.ndim == 3
@@ -324,10 +325,10 @@ def romeo_unwrap(
     te_ratio = float(tes[0] / tes[1]) if ne > 1 else 1.0
     bins = edge_weights(p1, None if mg is None else mg[..., 0], valid, p2, te_ratio)
     quality = voxel_quality(bins)
-    region = np.zeros(p1.size, dtype=np.int64)
+    region = np.zeros(p1.size, dtype=np.int32)
     order = _seed_order(quality, valid)
     flat = p1.ravel()
-    _grow(
+    nregions = _grow(
         flat,
         np.zeros(0, np.float32) if p2 is None else p2.ravel(),
         te_ratio,
@@ -335,34 +336,18 @@ def romeo_unwrap(
         np.array(p1.shape, dtype=np.int64),
         order,
         region,
+        np.empty(bins.size, dtype=np.int32 if bins.size < 2**31 else np.int64),
     )
+    log.debug("ROMEO grew %d region(s)", nregions)
     out = np.zeros(ph.shape, dtype=np.float32)
     out[..., 0] = flat.reshape(p1.shape)
     for e in range(1, ne):
         pred = out[..., e - 1] * np.float32(tes[e] / tes[e - 1])
         w = _wrap_np(ph[..., e])
         out[..., e] = w - np.float32(2 * np.pi) * np.round((w - pred) / np.float32(2 * np.pi))
-    if ne > 1:
-        _shift_regions(out, tes, region.reshape(p1.shape))
     out[~valid] = 0
     return (out[..., 0] if single else out), quality
 
 
 def _wrap_np(x: np.ndarray) -> np.ndarray:
     return ((x + np.pi) % (2 * np.pi) - np.pi).astype(np.float32, copy=False)
-
-
-def _shift_regions(unwrapped: np.ndarray, tes: np.ndarray, region: np.ndarray) -> None:
-    """Shift each region (all echoes) by the 2 pi multiple that puts its most common
-    voxel-wise intercept of phase vs TE (rounded to 2 pi multiples) at zero."""
-    labelled = region > 0
-    u = unwrapped[labelled]
-    t = (tes - tes.mean()).astype(np.float32)
-    slope = (u @ t) / np.float32(t @ t)
-    intercept = u.mean(axis=1) - slope * np.float32(tes.mean())
-    k = np.clip(np.round(intercept / (2 * np.pi)), -8, 8).astype(np.int64) + 8
-    lab = region[labelled]
-    counts = np.bincount(lab * 17 + k, minlength=(region.max() + 1) * 17)
-    mode = counts.reshape(-1, 17).argmax(axis=1) - 8
-    shift = (2 * np.pi * mode[lab]).astype(np.float32)
-    unwrapped[labelled] -= shift[:, None]
