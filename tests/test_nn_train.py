@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from qsmprep.cli.train import main as train_main
 from qsmprep.nn.synth import (
     SynthConfig,
     SyntheticQSMDataset,
@@ -277,3 +278,48 @@ def test_transfer_learning_freezes_the_adaptive_layer(derivatives, tmp_path):
     assert {"validation_before", "validation"} <= set(card["metrics"])
     with pytest.raises(ValueError, match="validation subjects not found"):
         transfer_learn(base_path, discover_pairs(derivatives), replace(cfg, val_subjects=("9",)))
+
+
+# ------------------------------------------------------------------------ command line
+
+TINY_CLI = ["--base-channels", "4", "--depth", "3", "--patch-size", "16", "--head-prob", "0",
+            "--batch-size", "2", "--val-pairs", "2", "--val-every", "2", "--device", "cpu",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+def test_cli_pretrain_stops_cleanly_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["pretrain", "--out", out, "--steps", "3", *TINY_CLI]
+    assert train_main([*args, "--time-limit", "0"]) == 0
+    assert "stopped with a checkpoint" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 0
+    assert train_main(args) == 0
+    assert "after 3 steps" in capsys.readouterr().out
+    card = load_card(tmp_path / "run" / "model.pt")
+    assert card["command"].startswith("qsmprep-train pretrain --out")
+    assert "--steps 3" in card["command"]
+
+
+def test_cli_plain_unet_and_fp16_weights(tmp_path):
+    out = tmp_path / "plain"
+    args = ["pretrain", "--out", str(out), "--steps", "1", "--no-adaptive", "--fp16", *TINY_CLI]
+    assert train_main(args) == 0
+    card = load_card(out / "model.pt")
+    assert card["architecture"]["config"]["adaptive"] is False
+    assert card["storage_dtype"] == "float16"
+
+
+def test_cli_transfer_and_errors(derivatives, tmp_path, capsys):
+    base = tmp_path / "base.pt"
+    save_model(build_model(tiny_config("unused")), base, {"description": "tiny"})
+    out = tmp_path / "tl.pt"
+    args = ["transfer", str(derivatives), "--base-model", str(base), "--out", str(out),
+            "--steps", "1", "--patch-size", "16", "--val-subject", "sub-03", "--device", "cpu",
+            "--no-progress", "--reference-desc", "COSMOS"]  # fmt: skip
+    assert train_main(args) == 0 and out.is_file()
+    assert "3 pairs" in capsys.readouterr().out
+    assert train_main([*args[:3], str(tmp_path / "missing.pt"), *args[4:]]) == 1
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_main(["pretrain", "--out", str(out), "--patch-size", "16", "16"])
+    assert e.value.code == 64

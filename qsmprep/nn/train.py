@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -331,13 +333,16 @@ def pretrain(
     progress: bool = True,
     command: str | None = None,
     stop_after: int | None = None,
+    time_limit_s: float | None = None,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> TrainResult | None:
     """Pre-train a model as ``cfg`` says; resume from ``OUT/checkpoint.pt`` when present.
 
-    Returns the result once ``cfg.steps`` are done (weights and card written), or ``None``
-    when ``stop_after`` optimisation steps of this call ended it early (for tests and
-    time-boxed sessions; the checkpoint is saved first). ``command`` is recorded in the
-    model card (the command line that reproduces the run).
+    Returns the result once ``cfg.steps`` are done (weights, stored as ``weights_dtype``,
+    and card written), or ``None`` when this call stopped early: after ``stop_after``
+    steps, after ``time_limit_s`` seconds, or on SIGINT/SIGTERM (the step in flight is
+    finished and the checkpoint saved; a second signal aborts at once). ``command`` is
+    recorded in the model card (the command line that reproduces the run).
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,9 +402,17 @@ def pretrain(
     model.train()
     done_here = 0
     batches = iter(train_ds)
-    t0 = time.perf_counter()
-    with open(out / HISTORY, "a") as hist_file:
-        while step < cfg.steps and (stop_after is None or done_here < stop_after):
+    t_start = t0 = time.perf_counter()
+
+    def keep_going() -> bool:
+        if stop_after is not None and done_here >= stop_after:
+            return False
+        if time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s:
+            return False
+        return not stop.requested
+
+    with open(out / HISTORY, "a") as hist_file, _GracefulStop() as stop:
+        while step < cfg.steps and keep_going():
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             opt.zero_grad(set_to_none=True)
             loss, parts = compute_loss(model, batch, cfg.dc_weight, cfg.synth.pad_factor, autocast)
@@ -436,6 +449,7 @@ def pretrain(
     bar.close()
     if step < cfg.steps:
         save_checkpoint()
+        log.info("stopped at step %d of %d; checkpoint saved in %s", step, cfg.steps, ck_path)
         return None
     card = {
         "description": ("Adaptive U-Net" if cfg.adaptive else "Plain U-Net (no adaptive layer)")
@@ -468,9 +482,33 @@ def pretrain(
         "metrics": {"validation": last_val},
     }
     weights = out / WEIGHTS
-    sha = save_model(model.cpu(), weights, card)
+    sha = save_model(model.cpu(), weights, card, dtype=weights_dtype)
     log.info("wrote %s (sha256 %s)", weights, sha)
     return TrainResult(weights, sha, step, elapsed, last_val)
+
+
+class _GracefulStop:
+    """Turn the first SIGINT/SIGTERM into a stop request (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: finishing this step and saving the checkpoint")
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

@@ -44,7 +44,7 @@ from qsmprep.nn.train import (
     resolve_device,
 )
 from qsmprep.nn.unet import AdaptiveUNet3d
-from qsmprep.nn.weights import file_sha256, load_card, load_model, save_model
+from qsmprep.nn.weights import BUNDLED_MODEL, file_sha256, load_card, load_model, save_model
 from qsmprep.qsm.sideinfo import SideInformation
 
 log = logging.getLogger("qsmprep")
@@ -298,13 +298,14 @@ def freeze_adaptive(model: AdaptiveUNet3d) -> list[dict]:
 
 
 def transfer_learn(
-    base_model: str | Path | AdaptiveUNet3d,
+    base_model: str | Path | AdaptiveUNet3d | None,
     pairs: Sequence[PairFiles],
     cfg: TransferConfig,
     command: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune ``base_model`` (a weights file or a model) on ``pairs``; write ``cfg.out``.
+    """Fine-tune ``base_model`` (a weights file, a model, or None for the bundled model)
+    on ``pairs``; write ``cfg.out``.
 
     Subjects in ``cfg.val_subjects`` are held out and give validation metrics (fixed
     patches) before and after fine-tuning, recorded in the model card.
@@ -318,9 +319,10 @@ def transfer_learn(
     else:
         model = load_model(base_model)
         card = load_card(base_model)
+        path = BUNDLED_MODEL if base_model is None else Path(base_model)
         base_info = {
-            "file": Path(base_model).name,
-            "sha256": file_sha256(base_model),
+            "file": path.name,
+            "sha256": file_sha256(path),
             "description": card.get("description", ""),
         }
     m = model.size_multiple
