@@ -51,6 +51,8 @@ class MEGRERun:
 
     ``echo_times`` are in seconds, ``field_strength`` in tesla (``None`` when the sidecars
     lack ``MagneticFieldStrength``), ``phase_units`` the phase sidecar's ``Units``.
+    A run found by :func:`collect_fieldmap_runs` has a ``fieldmap_file`` (``Units``
+    ``fieldmap_units``), its magnitude in ``mag_files``, and no phase or echo times.
     """
 
     subject: str
@@ -64,6 +66,17 @@ class MEGRERun:
     phase_units: str | None
     shape: tuple[int, ...]
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    fieldmap_file: str | None = None
+    fieldmap_units: str | None = None
+
+    @property
+    def source_files(self) -> tuple[str, ...]:
+        """Every input file of the run (magnitude and phase by echo, or field map)."""
+        if self.fieldmap_file is not None:
+            return (*self.mag_files, self.fieldmap_file)
+        return tuple(
+            f for pair in zip(self.mag_files, self.phase_files, strict=True) for f in pair
+        )
 
     @property
     def prefix(self) -> str:
@@ -149,6 +162,60 @@ def collect_runs(
             )
         seen[name] = run.mag_files[0]
     return runs
+
+
+def collect_fieldmap_runs(
+    layout,
+    subject: str,
+    sessions: list[str] | None = None,
+    filters: dict[str, Any] | None = None,
+) -> list[MEGRERun]:
+    """Total field maps to start from: ``fmap/*_fieldmap`` (Units Hz or rad/s) with the
+    ``fmap/*_magnitude`` image of the same entities (BIDS "direct field mapping")."""
+    query: dict[str, Any] = {
+        "datatype": "fmap",
+        "suffix": "fieldmap",
+        "extension": [".nii", ".nii.gz"],
+    }
+    query.update(filters or {})
+    query["subject"] = subject
+    if sessions:
+        query["session"] = sessions
+    runs = []
+    for f in layout.get(**query):
+        # pybids adds an "fmap" entity (the field-map kind) that the magnitude lacks
+        ents = {
+            k: v for k, v in f.get_entities().items() if k not in ("suffix", "extension", "fmap")
+        }
+        mags = layout.get(**ents, suffix="magnitude", extension=[".nii", ".nii.gz"])
+        name = Path(f.path).name
+        if len(mags) != 1:
+            raise BIDSError(f"{name} needs exactly one magnitude image, found {len(mags)}")
+        meta = layout.get_metadata(f.path)
+        units = meta.get("Units")
+        if units not in ("Hz", "rad/s"):
+            raise BIDSError(f"Units of {name} must be Hz or rad/s, not {units!r}")
+        shape = _check_grid([mags[0].path, f.path])
+        b0 = meta.get("MagneticFieldStrength")
+        run_entities = {k: v for k, v in ents.items() if k != "datatype"}
+        runs.append(
+            MEGRERun(
+                subject=str(ents["subject"]),
+                session=None if ents.get("session") is None else str(ents["session"]),
+                entities=run_entities,
+                suffix="fieldmap",
+                mag_files=(mags[0].path,),
+                phase_files=(),
+                echo_times=(),
+                field_strength=None if b0 is None else float(b0),
+                phase_units=None,
+                shape=shape,
+                metadata=meta,
+                fieldmap_file=f.path,
+                fieldmap_units=units,
+            )
+        )
+    return sorted(runs, key=_run_order)
 
 
 def _run_order(run: MEGRERun) -> tuple:
@@ -275,11 +342,25 @@ def field_strength(run: MEGRERun, fallback: float | None = None) -> float:
             )
         return run.field_strength
     if fallback is None:
+        source = run.fieldmap_file or run.phase_files[0]
         raise BIDSError(
-            f"MagneticFieldStrength missing from the sidecar of {Path(run.phase_files[0]).name}; "
+            f"MagneticFieldStrength missing from the sidecar of {Path(source).name}; "
             "pass the field strength in tesla with --field-strength"
         )
     return float(fallback)
+
+
+def find_mask(run: MEGRERun, derivatives_dir: Path | str) -> str:
+    """The run's ``desc-brain_mask`` in a derivatives dataset (e.g. an earlier qsmprep output).
+
+    Looks for ``<derivatives_dir>/sub-X[/ses-Y]/anat/<prefix>_desc-brain_mask.nii[.gz]``.
+    """
+    folder = Path(derivatives_dir) / run.anat_dir
+    for ext in (".nii.gz", ".nii"):
+        path = folder / f"{run.prefix}_desc-brain_mask{ext}"
+        if path.is_file():
+            return str(path)
+    raise BIDSError(f"no mask {run.prefix}_desc-brain_mask.nii[.gz] in {folder}")
 
 
 def bids_uri(path: str | Path, root: str | Path, dataset: str = "raw") -> str:

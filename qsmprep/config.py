@@ -46,8 +46,14 @@ DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
 #: Inversion methods that are not in :data:`qsmprep.qsm.inversion.METHODS` (torch code).
 EXTRA_INVERSIONS = ("adaptive-unet",)
 
-#: Phase-offset removal before the echo fit (MCPC-3D-S) is off by default.
-DEFAULT_MCPC3DS = False
+#: Default processing options besides the algorithms (also set only here).
+DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "input_type": "phase",  # wrapped phase per echo
+        "mcpc3ds": False,  # phase-offset removal (MCPC-3D-S) before unwrapping
+        "two_pass": False,  # two-pass masking/inversion
+    }
+)
 
 #: Exit codes (BIDS-Apps draft).
 EXIT_OK = 0
@@ -126,7 +132,11 @@ class WorkflowConfig:
     masking: str = DEFAULT_METHODS["masking"]
     bf_removal: str = DEFAULT_METHODS["bf_removal"]
     inversion: str = DEFAULT_METHODS["inversion"]
-    mcpc3ds: bool = DEFAULT_MCPC3DS
+    input_type: str = DEFAULT_OPTIONS["input_type"]
+    mcpc3ds: bool = DEFAULT_OPTIONS["mcpc3ds"]
+    two_pass: bool = DEFAULT_OPTIONS["two_pass"]
+    mask_file: Path | None = None
+    mask_derivatives: Path | None = None
     device: str = "auto"
     model: Path | None = None
 
@@ -164,6 +174,11 @@ class Config:
         cfg._normalise()
         return cfg
 
+    @property
+    def user_mask(self) -> bool:
+        """Whether the masks come from the user (``mask_file`` or ``mask_derivatives``)."""
+        return self.workflow.mask_file is not None or self.workflow.mask_derivatives is not None
+
     def _normalise(self) -> None:
         ex, res, wf = self.execution, self.resources, self.workflow
         ex.bids_dir = Path(ex.bids_dir).absolute()
@@ -200,10 +215,28 @@ class Config:
                 raise ConfigError(
                     f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
                 )
+        wf.mcpc3ds, wf.two_pass = bool(wf.mcpc3ds), bool(wf.two_pass)
+        for name in ("mask_file", "mask_derivatives"):
+            value = getattr(wf, name)
+            if value is not None:
+                value = Path(value).absolute()
+                if not value.exists():
+                    raise ConfigError(f"{name.replace('_', '-')} not found: {value}")
+                setattr(wf, name, value)
+        if wf.mask_file is not None and wf.mask_derivatives is not None:
+            raise ConfigError("give either mask-file or mask-derivatives, not both")
         from .workflows.qsm import check_methods
 
         try:
-            check_methods(wf.unwrapping, wf.masking)
+            check_methods(
+                wf.unwrapping,
+                wf.masking,
+                inversion=wf.inversion,
+                input_type=wf.input_type,
+                mcpc3ds=wf.mcpc3ds,
+                two_pass=wf.two_pass,
+                user_mask=self.user_mask,
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if wf.device not in ("auto", "cpu", "cuda"):
@@ -212,7 +245,6 @@ class Config:
             wf.model = Path(wf.model).absolute()
             if not wf.model.is_file():
                 raise ConfigError(f"model file not found: {wf.model}")
-        wf.mcpc3ds = bool(wf.mcpc3ds)
 
 
 _SECTIONS = {

@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import (
     DEFAULT_METHODS,
+    DEFAULT_OPTIONS,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_NOTHING_SELECTED,
@@ -32,6 +33,7 @@ from ..config import (
     load_toml,
     method_choices,
 )
+from ..workflows.qsm import INPUT_TYPES
 
 logger = logging.getLogger("qsmprep")
 
@@ -45,6 +47,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--mcpc3ds",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="remove the echo-independent phase offset (MCPC-3D-S) before the echo fit "
-        "(default: off)",
+        help="remove the echo-independent phase offset (MCPC-3D-S) before unwrapping "
+        f"(default: {_on_off(DEFAULT_OPTIONS['mcpc3ds'])})",
+    )
+    g.add_argument(
+        "--two-pass",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="two-pass masking and inversion against rim and strong-source streaks "
+        f"(default: {_on_off(DEFAULT_OPTIONS['two_pass'])})",
+    )
+    g.add_argument(
+        "--input-type",
+        choices=INPUT_TYPES,
+        help="what to start from: phase (wrapped phase per echo), unwrapped (unwrapped phase "
+        "per echo, rad), fieldmap (fmap/*_fieldmap in Hz or rad/s with its _magnitude) "
+        f"(default: {DEFAULT_OPTIONS['input_type']})",
+    )
+    g.add_argument(
+        "--mask-file",
+        type=Path,
+        metavar="FILE",
+        help="your own brain mask for the one selected run, on its grid",
+    )
+    g.add_argument(
+        "--mask-derivatives",
+        type=Path,
+        metavar="DIR",
+        help="a derivatives dataset with sub-X/[ses-Y/]anat/<run>_desc-brain_mask.nii.gz "
+        "for every run (e.g. an earlier qsmprep output)",
     )
     g.add_argument(
         "--device",
@@ -276,6 +309,18 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
     return "MultiProc", args
 
 
+def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
+    """The user's mask of each run (prefix -> file), or None when masks are computed."""
+    from ..bids import find_mask
+
+    wf_cfg = cfg.workflow
+    if wf_cfg.mask_file is not None:
+        return {run.prefix: str(wf_cfg.mask_file) for run in runs}
+    if wf_cfg.mask_derivatives is not None:
+        return {run.prefix: find_mask(run, wf_cfg.mask_derivatives) for run in runs}
+    return None
+
+
 def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
     """Build and run one participant's workflow; return failure lines (empty: success)."""
     from ..bids import BIDSError
@@ -292,7 +337,10 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
             bf_removal=wf_cfg.bf_removal,
             inversion=wf_cfg.inversion,
             masking=wf_cfg.masking,
+            input_type=wf_cfg.input_type,
             mcpc3ds=wf_cfg.mcpc3ds,
+            two_pass=wf_cfg.two_pass,
+            masks=_masks(cfg, runs),
             device=wf_cfg.device,
             model=wf_cfg.model,
             fallback_field_strength=ex.field_strength,
@@ -309,6 +357,7 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
             "crashdump_dir": str(crash_dir),
             "crashfile_format": "txt",
             "stop_on_first_crash": False,
+            "poll_sleep_duration": 0.2,  # nipype's 2 s default adds seconds per node
         }
     )
     before = set(crash_dir.glob("crash-*.txt"))
@@ -330,7 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         print("qsmprep: the group level is not yet available", file=sys.stderr)
         return EXIT_USAGE
 
-    from ..bids import BIDSError, collect_runs, load_layout, select_participants
+    from ..bids import (
+        BIDSError,
+        collect_fieldmap_runs,
+        collect_runs,
+        load_layout,
+        select_participants,
+    )
+
+    collect = collect_fieldmap_runs if cfg.workflow.input_type == "fieldmap" else collect_runs
 
     if not ex.skip_bids_validation:
         logger.info("validating %s with bids-validator-deno", ex.bids_dir)
@@ -356,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     selected: dict[str, list] = {}
     for subject in subjects:
         try:
-            runs = collect_runs(layout, subject, ex.session_label, ex.bids_filters)
+            runs = collect(layout, subject, ex.session_label, ex.bids_filters)
         except BIDSError as e:
             failures[subject] = [str(e)]
             continue
@@ -365,9 +422,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger.warning("sub-%s: no multi-echo GRE run selected; skipped", subject)
     if not selected and not failures:
-        print("qsmprep: no multi-echo GRE run matches the selection "
-              "(anat/*_part-{mag,phase}_{MEGRE,T2starw})", file=sys.stderr)  # fmt: skip
+        wanted = (
+            "fmap/*_fieldmap with *_magnitude"
+            if cfg.workflow.input_type == "fieldmap"
+            else "anat/*_part-{mag,phase}_{MEGRE,T2starw}"
+        )
+        print(f"qsmprep: no run matches the selection ({wanted})", file=sys.stderr)
         return EXIT_NOTHING_SELECTED
+    n_runs = sum(len(runs) for runs in selected.values())
+    if cfg.workflow.mask_file is not None and (n_runs != 1 or failures):
+        print(
+            f"qsmprep: --mask-file is for one run, but {n_runs + len(failures)} are selected; "
+            "use --mask-derivatives or narrow the selection",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
     from ..interfaces.bids import write_dataset_description
 

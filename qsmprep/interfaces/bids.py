@@ -26,6 +26,8 @@ NONSTANDARD_PATTERNS = (
     "*_totalfield.json",
     "*_localfield.nii.gz",
     "*_localfield.json",
+    "*_quality.nii.gz",
+    "*_quality.json",
 )
 
 

@@ -21,7 +21,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm.phase import scale_phase
+from ..qsm.phase import PhaseScalingError, scale_phase
 from ..qsm.sideinfo import SideInformation
 from ._io import load, load_mask, read_side_info, save_like, stage, thread_limits
 
@@ -36,6 +36,9 @@ class _PrepareEchoesInputSpec(BaseInterfaceInputSpec):
     phase_units = traits.Either(
         None, traits.Str, default=None, usedefault=True, desc="phase sidecar Units"
     )
+    wrapped = traits.Bool(
+        True, usedefault=True, desc="False: the phase is already unwrapped (rad), kept as is"
+    )
 
 
 class _PrepareEchoesOutputSpec(TraitedSpec):
@@ -49,7 +52,8 @@ class PrepareEchoes(SimpleInterface):
     """Stack the echoes, scale the phase to radians, and compute the side information.
 
     Checks that every magnitude and phase image shares one 3D grid (shape and affine)
-    and that there is one echo time per echo.
+    and that there is one echo time per echo. With ``wrapped=False`` the phase is
+    pre-unwrapped radians and passes through unscaled.
     """
 
     input_spec = _PrepareEchoesInputSpec
@@ -75,19 +79,80 @@ class PrepareEchoes(SimpleInterface):
                 _check_same_grid(arr, img, path, ref_img, ref_path)
             mag_stack.append(m.reshape(m.shape[:3]))
             phase_stack.append(p.reshape(p.shape[:3]))
-        # one scaling for the whole run: a vendor range is detected on all echoes together
-        phase, how = scale_phase(np.stack(phase_stack, axis=-1), self.inputs.phase_units)
+        name = os.path.basename(phases[0])
+        if self.inputs.wrapped:
+            # one scaling for the whole run: a vendor range is detected on all echoes together
+            try:
+                phase, how = scale_phase(np.stack(phase_stack, axis=-1), self.inputs.phase_units)
+            except PhaseScalingError as e:
+                raise PhaseScalingError(f"run of {name}: {e}") from None
+        else:
+            units = self.inputs.phase_units
+            if units is not None and units.lower() not in ("rad", "radian", "radians"):
+                raise ValueError(f"unwrapped phase of {name} must be in rad, not {units!r}")
+            phase, how = np.stack(phase_stack, axis=-1).astype(np.float32), "unwrapped radians"
+            if not np.all(np.isfinite(phase)):
+                raise ValueError(f"unwrapped phase of the run of {name} has non-finite values")
         cwd = runtime.cwd
         self._results["out_mag"] = save_like(
             np.stack(mag_stack, axis=-1), ref_img, os.path.join(cwd, "mag.nii.gz")
         )
         self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii.gz"))
-        side = SideInformation.from_affine(ref_img.affine).to_dict()
-        side_path = os.path.join(cwd, "side_info.json")
-        with open(side_path, "w") as f:
-            json.dump(side, f, indent=2)
-        self._results["side_info"] = side_path
+        self._results["side_info"] = _write_side_info(ref_img, cwd)
         self._results["phase_scaling"] = how
+        return runtime
+
+
+def _write_side_info(img, cwd: str) -> str:
+    side = SideInformation.from_affine(img.affine).to_dict()
+    path = os.path.join(cwd, "side_info.json")
+    with open(path, "w") as f:
+        json.dump(side, f, indent=2)
+    return path
+
+
+class _PrepareFieldMapInputSpec(BaseInterfaceInputSpec):
+    mag_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude image(s)")
+    fieldmap = File(exists=True, mandatory=True, desc="total field map")
+    units = traits.Enum("Hz", "rad/s", usedefault=True, desc="the field map's Units")
+
+
+class _PrepareFieldMapOutputSpec(TraitedSpec):
+    out_mag = File(exists=True, desc="magnitude (X, Y, Z, E), float32")
+    total_field = File(exists=True, desc="total field (Hz)")
+    side_info = File(exists=True, desc="JSON: VoxelSize (mm), B0Direction (voxel axes)")
+
+
+class PrepareFieldMap(SimpleInterface):
+    """Start from a total field map (Hz or rad/s) and its magnitude image(s), on one grid."""
+
+    input_spec = _PrepareFieldMapInputSpec
+    output_spec = _PrepareFieldMapOutputSpec
+
+    def _run_interface(self, runtime):
+        mags = list(self.inputs.mag_files)
+        ref_img, ref_path = None, mags[0]
+        stack = []
+        for path in mags:
+            m, img = load(path)
+            ref_img = img if ref_img is None else ref_img
+            _check_same_grid(m, img, path, ref_img, ref_path)
+            stack.append(m.reshape(m.shape[:3]))
+        field, img = load(self.inputs.fieldmap)
+        _check_same_grid(field, img, self.inputs.fieldmap, ref_img, ref_path)
+        field = field.reshape(field.shape[:3])
+        if not np.all(np.isfinite(field)):
+            raise ValueError(f"{os.path.basename(self.inputs.fieldmap)} has non-finite values")
+        if self.inputs.units == "rad/s":
+            field = field / np.float32(2 * np.pi)
+        cwd = runtime.cwd
+        self._results["out_mag"] = save_like(
+            np.stack(stack, axis=-1), ref_img, os.path.join(cwd, "mag.nii.gz")
+        )
+        self._results["total_field"] = save_like(
+            field, ref_img, os.path.join(cwd, "total_field_hz.nii.gz")
+        )
+        self._results["side_info"] = _write_side_info(ref_img, cwd)
         return runtime
 
 
@@ -139,13 +204,43 @@ class BrainMask(SimpleInterface):
         return runtime
 
 
+class _UserMaskInputSpec(BaseInterfaceInputSpec):
+    in_mask = File(exists=True, mandatory=True, desc="the user's mask (non-zero: inside)")
+    reference = File(exists=True, mandatory=True, desc="an image on the run's grid")
+
+
+class _UserMaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="brain mask (uint8)")
+
+
+class UserMask(SimpleInterface):
+    """Take the user's own mask, after checking that it lies on the run's grid."""
+
+    input_spec = _UserMaskInputSpec
+    output_spec = _UserMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        data, img = load(self.inputs.in_mask)
+        ref = load(self.inputs.reference)[1]
+        _check_same_grid(data, img, self.inputs.in_mask, ref, self.inputs.reference)
+        mask = data.reshape(data.shape[:3]) > 0
+        if not mask.any():
+            raise ValueError(f"mask {os.path.basename(self.inputs.in_mask)} is empty")
+        self._results["out_mask"] = save_like(
+            mask, ref, os.path.join(runtime.cwd, "mask.nii.gz"), dtype=np.uint8
+        )
+        return runtime
+
+
 class _FieldMapInputSpec(BaseInterfaceInputSpec):
     in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
     in_phase = File(exists=True, mandatory=True, desc="phase (X, Y, Z, E), rad")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
     side_info = File(exists=True, mandatory=True, desc="side information JSON")
     mask = File(exists=True, desc="brain mask; without it the methods use the whole volume")
-    method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.unwrap.METHODS")
+    method = traits.Either(
+        None, traits.Str, mandatory=True, desc="qsmprep.qsm.unwrap.METHODS name; None: unwrapped"
+    )
     mcpc3ds = traits.Bool(False, usedefault=True, desc="remove the phase offset (MCPC-3D-S)")
     fit_offset = traits.Bool(
         True, usedefault=True, desc="fit a phase offset with the field (needs two echoes)"
@@ -164,7 +259,7 @@ class FieldMap(SimpleInterface):
 
     With ``mcpc3ds`` the echo-independent phase offset is removed first (MCPC-3D-S);
     ``fit_offset`` fits ``phase = phi0 + 2 pi f TE`` instead of a line through the origin
-    (ignored for a single echo).
+    (ignored for a single echo). ``method=None`` takes the phase as already unwrapped.
     """
 
     input_spec = _FieldMapInputSpec
@@ -184,19 +279,23 @@ class FieldMap(SimpleInterface):
             if self.inputs.mcpc3ds:
                 with stage("phase-offset removal (MCPC-3D-S)"):
                     phase = mcpc3ds(phase, mag, tes, side.voxel_size)
-            with stage(f"phase unwrapping ({self.inputs.method}, {len(tes)} echoes)"):
-                result = unwrap_echoes(
-                    phase,
-                    mag,
-                    tes,
-                    mask,
-                    side.voxel_size,
-                    self.inputs.method,
-                    **self.inputs.params,
-                )
+            if self.inputs.method is None:
+                unwrapped, quality = phase, None
+            else:
+                with stage(f"phase unwrapping ({self.inputs.method}, {len(tes)} echoes)"):
+                    result = unwrap_echoes(
+                        phase,
+                        mag,
+                        tes,
+                        mask,
+                        side.voxel_size,
+                        self.inputs.method,
+                        **self.inputs.params,
+                    )
+                unwrapped, quality = result.unwrapped, result.quality
             with stage("echo fit"):
                 field_hz = fit_field(
-                    result.unwrapped,
+                    unwrapped,
                     mag,
                     tes,
                     mask=mask,
@@ -205,9 +304,9 @@ class FieldMap(SimpleInterface):
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
         )
-        if result.quality is not None:
+        if quality is not None:
             self._results["quality"] = save_like(
-                result.quality, img, os.path.join(runtime.cwd, "quality.nii.gz")
+                quality, img, os.path.join(runtime.cwd, "quality.nii.gz")
             )
         return runtime
 
@@ -272,6 +371,7 @@ class BackgroundRemoval(SimpleInterface):
 class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
     mask = File(exists=True, mandatory=True, desc="mask of valid local field")
+    reliable_mask = File(exists=True, desc="two-pass: the reliable (unfilled) mask")
     side_info = File(exists=True, mandatory=True, desc="side information JSON")
     method = traits.Str(
         mandatory=True, desc="a name in qsmprep.qsm.inversion.METHODS, or adaptive-unet"
@@ -288,13 +388,17 @@ class _DipoleInversionOutputSpec(TraitedSpec):
 
 
 class DipoleInversion(SimpleInterface):
-    """Dipole inversion of the local field, then referencing to the mean within the mask."""
+    """Dipole inversion of the local field, then referencing to the mean within the mask.
+
+    With ``reliable_mask``, two-pass inversion: the reliable voxels (inside ``mask``)
+    from a first pass on them alone, the others from a second pass on ``mask``.
+    """
 
     input_spec = _DipoleInversionInputSpec
     output_spec = _DipoleInversionOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.inversion import invert, reference
+        from ..qsm.inversion import invert, invert_two_pass, reference
 
         local, img = load(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
@@ -312,6 +416,19 @@ class DipoleInversion(SimpleInterface):
                     device=self.inputs.device,
                     mem_gb=self.inputs.mem_gb if isdefined(self.inputs.mem_gb) else None,
                     nthreads=self.inputs.omp_nthreads,
+                    **self.inputs.params,
+                )
+            elif isdefined(self.inputs.reliable_mask):
+                reliable = load_mask(self.inputs.reliable_mask) & mask
+                if not reliable.any():
+                    raise ValueError("the reliable mask does not overlap the local-field mask")
+                chi = invert_two_pass(
+                    local,
+                    reliable,
+                    mask,
+                    side.voxel_size,
+                    side.b0_direction,
+                    method,
                     **self.inputs.params,
                 )
             else:

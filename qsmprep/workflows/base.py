@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from nipype.pipeline import engine as pe
 
 from ..bids import MEGRERun, bids_uri, field_strength
 from ..interfaces.bids import DerivativesSink
-from .qsm import init_qsm_wf
+from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
 #: Registry module of each stage.
 STAGE_MODULES = {
@@ -76,7 +76,10 @@ def init_participant_wf(
     bf_removal: str,
     inversion: str,
     masking: str,
+    input_type: str = "phase",
     mcpc3ds: bool = False,
+    two_pass: bool = False,
+    masks: Mapping[str, str] | None = None,
     device: str = "auto",
     model: Path | None = None,
     fallback_field_strength: float | None = None,
@@ -86,26 +89,37 @@ def init_participant_wf(
 ) -> pe.Workflow:
     """One participant: a :func:`init_qsm_wf` per run, feeding the derivatives sinks.
 
-    ``fallback_field_strength`` (T) is used for runs whose sidecars lack
-    ``MagneticFieldStrength``; without it such a run raises
+    ``runs`` come from :func:`qsmprep.bids.collect_runs` (or ``collect_fieldmap_runs``
+    for ``input_type="fieldmap"``). ``masks`` maps each run's prefix to the user's mask
+    file (``None``: masks are computed). ``fallback_field_strength`` (T) is used for runs
+    whose sidecars lack ``MagneticFieldStrength``; without it such a run raises
     :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
     """
     if not runs:
         raise ValueError(f"no multi-echo GRE run for sub-{subject}")
     wf = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
-    methods = {
-        "unwrapping": unwrapping,
-        "masking": masking,
-        "bf_removal": bf_removal,
-        "inversion": inversion,
+    records = {
+        "unwrapping": method_record("unwrapping", unwrapping),
+        "masking": method_record("masking", masking),
+        "bf_removal": method_record("bf_removal", bf_removal),
+        "inversion": method_record("inversion", inversion),
     }
-    records = {stage: method_record(stage, m) for stage, m in methods.items()}
+    if input_type == "unwrapped":
+        records["unwrapping"] = {"Method": "none: the input phase was unwrapped"}
+    if masks is not None:
+        records["masking"] = {"Method": "user mask"}
+    if two_pass:
+        records["inversion"]["TwoPass"] = (
+            "pass 1 on the reliable mask (masking without hole filling), pass 2 on the "
+            "filled mask for the remaining voxels"
+        )
     if inversion == "adaptive-unet":
         records["inversion"]["Model"] = str(model) if model else "bundled"
+    with_quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
     for run in runs:
         b0 = field_strength(run, fallback_field_strength)
-        mem_gb = estimate_mem_gb(run.shape, len(run.echo_times))
+        mem_gb = estimate_mem_gb(run.shape, max(1, len(run.echo_times)))
         if max_mem_gb is not None:
             mem_gb = min(mem_gb, max_mem_gb)
         qsm_wf = init_qsm_wf(
@@ -113,7 +127,10 @@ def init_participant_wf(
             bf_removal=bf_removal,
             inversion=inversion,
             masking=masking,
+            input_type=input_type,
             mcpc3ds=mcpc3ds,
+            two_pass=two_pass,
+            user_mask=masks is not None,
             device=device,
             model=str(model) if model else None,
             omp_nthreads=omp_nthreads,
@@ -122,12 +139,21 @@ def init_participant_wf(
         )
         inputs = qsm_wf.get_node("inputnode").inputs
         inputs.mag_files = list(run.mag_files)
-        inputs.phase_files = list(run.phase_files)
-        inputs.echo_times = list(run.echo_times)
         inputs.field_strength = b0
-        inputs.phase_units = run.phase_units
+        if run.fieldmap_file is not None:
+            inputs.fieldmap_file = run.fieldmap_file
+            inputs.fieldmap_units = run.fieldmap_units
+        else:
+            inputs.phase_files = list(run.phase_files)
+            inputs.echo_times = list(run.echo_times)
+            inputs.phase_units = run.phase_units
+        if masks is not None:
+            inputs.mask_file = masks[run.prefix]
 
-        for field, out_name, meta, with_side in _outputs(run, bids_dir, b0, records, mcpc3ds):
+        outputs = _outputs(run, bids_dir, b0, records, mcpc3ds)
+        if with_quality:
+            outputs.append(_quality_output(run, bids_dir, unwrapping))
+        for field, out_name, meta, with_side in outputs:
             sink = pe.Node(
                 DerivativesSink(
                     base_directory=str(output_dir),
@@ -144,21 +170,36 @@ def init_participant_wf(
     return wf
 
 
+def _quality_output(run: MEGRERun, bids_dir: Path, unwrapping: str):
+    meta = {
+        "Description": f"Voxel quality of the {unwrapping} phase unwrapping, in [0, 1]",
+        "Units": "arbitrary",
+        "Sources": [bids_uri(f, bids_dir) for f in run.source_files],
+    }
+    return ("quality", f"{run.prefix}_desc-{unwrapping}_quality.nii.gz", meta, False)
+
+
 def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: bool):
     """(outputnode field, file name, sidecar, add SideInformation) for each output of a run."""
-    sources = [bids_uri(f, bids_dir) for pair in zip(run.mag_files, run.phase_files, strict=True)
-               for f in pair]  # fmt: skip
+    sources = [bids_uri(f, bids_dir) for f in run.source_files]
     reference = bids_uri(run.mag_files[0], bids_dir)
     common = {"Sources": sources, "SkullStripped": True}
-    field_model: dict[str, Any] = {"Unwrapping": records["unwrapping"]}
-    if mcpc3ds:
-        field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
-    fit = "through the origin" if mcpc3ds or len(run.echo_times) == 1 else "with a phase offset"
-    field_model.update(
-        EchoCombination=f"magnitude-weighted least-squares fit of phase over echo time, {fit}",
-        MagneticFieldStrength=b0,
-        EchoTime=list(run.echo_times),
-    )
+    if run.fieldmap_file is not None:
+        field_model: dict[str, Any] = {
+            "FieldSource": f"input total field map (Units {run.fieldmap_units})",
+            "MagneticFieldStrength": b0,
+        }
+    else:
+        field_model = {"Unwrapping": records["unwrapping"]}
+        if mcpc3ds:
+            field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
+        single = len(run.echo_times) == 1
+        fit = "through the origin" if mcpc3ds or single else "with a phase offset"
+        field_model.update(
+            EchoCombination=f"magnitude-weighted least-squares fit of phase over echo time, {fit}",
+            MagneticFieldStrength=b0,
+            EchoTime=list(run.echo_times),
+        )
     chi_meta = {
         "Description": "Magnetic susceptibility relative to the mean in the brain mask",
         "Units": "ppm",
@@ -178,7 +219,7 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         "BackgroundFieldRemoval": records["bf_removal"],
     }
     total_meta = {
-        "Description": "Total field: frequency offset from the echo fit of the unwrapped phase",
+        "Description": "Total field: frequency offset of the water signal",
         "Units": "Hz",
         "Sources": sources,
         **field_model,

@@ -11,11 +11,16 @@ from ..interfaces.qsm import (
     DipoleInversion,
     FieldMap,
     PrepareEchoes,
+    PrepareFieldMap,
+    UserMask,
 )
 
 #: Memory (GB) of the light nodes (stacking echoes, masking).
 LIGHT_MEM_GB = 0.5
 
+#: What the phase inputs hold: wrapped phase, pre-unwrapped phase (rad), or a total
+#: field map (Hz) with its magnitude.
+INPUT_TYPES = ("phase", "unwrapped", "fieldmap")
 
 #: Unwrapping methods that also give a voxel-quality map in [0, 1].
 QUALITY_UNWRAPPING = frozenset({"romeo"})
@@ -23,14 +28,36 @@ QUALITY_UNWRAPPING = frozenset({"romeo"})
 #: Masking methods that threshold that quality map (they run after the unwrapping).
 QUALITY_MASKING = frozenset({"quality"})
 
+#: Inversions that the two-pass scheme cannot wrap (not in qsmprep.qsm.inversion).
+NO_TWO_PASS = frozenset({"adaptive-unet"})
 
-def check_methods(unwrapping: str, masking: str) -> None:
-    """Raise ``ValueError`` for a combination that cannot run."""
-    if masking in QUALITY_MASKING and unwrapping not in QUALITY_UNWRAPPING:
-        raise ValueError(
-            f"masking {masking!r} thresholds the unwrapping's voxel-quality map: use it with "
-            f"unwrapping {' or '.join(sorted(QUALITY_UNWRAPPING))}, not {unwrapping!r}"
-        )
+
+def check_methods(
+    unwrapping: str,
+    masking: str,
+    *,
+    inversion: str | None = None,
+    input_type: str = "phase",
+    mcpc3ds: bool = False,
+    two_pass: bool = False,
+    user_mask: bool = False,
+) -> None:
+    """Raise ``ValueError`` with a one-line reason for a combination that cannot run."""
+    if input_type not in INPUT_TYPES:
+        raise ValueError(f"input type must be one of {', '.join(INPUT_TYPES)}, not {input_type!r}")
+    unwraps = input_type == "phase"
+    if masking in QUALITY_MASKING and not user_mask:
+        if not unwraps or unwrapping not in QUALITY_UNWRAPPING:
+            raise ValueError(
+                f"masking {masking!r} thresholds the unwrapping's voxel-quality map: use it "
+                f"with unwrapping {' or '.join(sorted(QUALITY_UNWRAPPING))} on wrapped phase"
+            )
+    if mcpc3ds and not unwraps:
+        raise ValueError("MCPC-3D-S works on wrapped phase, not on input type " + input_type)
+    if two_pass and inversion in NO_TWO_PASS:
+        raise ValueError(f"two-pass inversion is not available with {inversion}")
+    if two_pass and user_mask:
+        raise ValueError("two-pass inversion derives its masks itself: drop the user mask")
 
 
 def init_qsm_wf(
@@ -39,7 +66,10 @@ def init_qsm_wf(
     bf_removal: str,
     inversion: str,
     masking: str,
+    input_type: str = "phase",
     mcpc3ds: bool = False,
+    two_pass: bool = False,
+    user_mask: bool = False,
     device: str = "auto",
     model: str | None = None,
     omp_nthreads: int = 1,
@@ -57,7 +87,7 @@ def init_qsm_wf(
     Parameters
     ----------
     unwrapping : str
-        A name in ``qsmprep.qsm.unwrap.METHODS``.
+        A name in ``qsmprep.qsm.unwrap.METHODS`` (unused unless ``input_type="phase"``).
     bf_removal : str
         A name in ``qsmprep.qsm.bgremove.METHODS``.
     inversion : str
@@ -65,10 +95,19 @@ def init_qsm_wf(
     masking : str
         A name in ``qsmprep.qsm.masking.METHODS``; ``quality`` thresholds the voxel
         quality map of ``romeo`` and runs after the unwrapping.
+    input_type : str
+        ``"phase"`` (wrapped phase per echo), ``"unwrapped"`` (unwrapped phase per echo,
+        rad: the unwrapping is skipped) or ``"fieldmap"`` (``fieldmap_file``, a total
+        field in Hz, with ``mag_files``: unwrapping and echo fit are skipped).
     mcpc3ds : bool
         Remove the echo-independent phase offset (MCPC-3D-S) before unwrapping; the echo
         fit then goes through the origin. Without it, the fit has a phase-offset term
         (with two echoes or more).
+    two_pass : bool
+        Two-pass inversion: a second mask without hole filling (the reliable voxels) is
+        inverted first, the filled mask second, and the two are combined.
+    user_mask : bool
+        Take the mask from ``inputnode.mask_file`` instead of computing it.
     device, model : str
         ``adaptive-unet`` only: ``auto``/``cpu``/``cuda`` and a weights file
         (``None``: the bundled model).
@@ -91,6 +130,12 @@ def init_qsm_wf(
         B0 (T).
     phase_units : str, optional
         The phase sidecar's ``Units`` (``"rad"``, ``"arbitrary"``), if known.
+    mask_file : str
+        ``user_mask`` only: the mask (non-zero inside), on the run's grid.
+    fieldmap_file : str
+        ``input_type="fieldmap"`` only: the total field map.
+    fieldmap_units : str
+        ``input_type="fieldmap"`` only: ``"Hz"`` (default) or ``"rad/s"``.
 
     Outputs
     -------
@@ -104,59 +149,127 @@ def init_qsm_wf(
         Local field (ppm).
     side_info : str
         JSON with ``VoxelSize`` (mm) and ``B0Direction`` (unit vector, voxel axes).
+    quality : str
+        Voxel quality of the unwrapping in [0, 1] (``romeo`` only; otherwise undefined).
     """
-    check_methods(unwrapping, masking)
+    check_methods(
+        unwrapping,
+        masking,
+        inversion=inversion,
+        input_type=input_type,
+        mcpc3ds=mcpc3ds,
+        two_pass=two_pass,
+        user_mask=user_mask,
+    )
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(
-            fields=["mag_files", "phase_files", "echo_times", "field_strength", "phase_units"]
+            fields=[
+                "mag_files",
+                "phase_files",
+                "echo_times",
+                "field_strength",
+                "phase_units",
+                "mask_file",
+                "fieldmap_file",
+                "fieldmap_units",
+            ]
         ),
         name="inputnode",
     )
     inputnode.inputs.phase_units = None
+    inputnode.inputs.fieldmap_units = "Hz"
     outputnode = pe.Node(
         niu.IdentityInterface(
-            fields=["chi_map", "mask", "total_field", "local_field", "side_info"]
+            fields=["chi_map", "mask", "total_field", "local_field", "side_info", "quality"]
         ),
         name="outputnode",
     )
-    prep = pe.Node(PrepareEchoes(), name="prepare_echoes", mem_gb=LIGHT_MEM_GB)
-    brainmask = pe.Node(BrainMask(method=masking), name="brain_mask", mem_gb=LIGHT_MEM_GB)
-    fieldmap = pe.Node(
-        FieldMap(
-            method=unwrapping, mcpc3ds=mcpc3ds, fit_offset=not mcpc3ds, omp_nthreads=omp_nthreads
-        ),
-        name="field_map",
-        n_procs=omp_nthreads,
-        mem_gb=mem_gb,
-    )
+    heavy = {"n_procs": omp_nthreads, "mem_gb": mem_gb}
     bgremove = pe.Node(
         BackgroundRemoval(method=bf_removal, omp_nthreads=omp_nthreads),
         name="background_removal",
-        n_procs=omp_nthreads,
-        mem_gb=mem_gb,
+        **heavy,
     )
     invert = pe.Node(
         DipoleInversion(method=inversion, omp_nthreads=omp_nthreads, device=device, mem_gb=mem_gb),
         name="dipole_inversion",
-        n_procs=omp_nthreads,
-        mem_gb=mem_gb,
+        **heavy,
     )
     if model is not None:
         invert.inputs.model = str(model)
 
+    # Inputs -> magnitude, side information and total field (Hz)
+    if input_type == "fieldmap":
+        prep = pe.Node(PrepareFieldMap(), name="prepare_fieldmap", mem_gb=LIGHT_MEM_GB)
+        # fmt: off
+        wf.connect([
+            (inputnode, prep, [("mag_files", "mag_files"),
+                               ("fieldmap_file", "fieldmap"),
+                               ("fieldmap_units", "units")]),
+            (prep, bgremove, [("total_field", "total_field")]),
+            (prep, outputnode, [("total_field", "total_field")]),
+        ])
+        # fmt: on
+        fieldmap = None
+    else:
+        prep = pe.Node(
+            PrepareEchoes(wrapped=input_type == "phase"),
+            name="prepare_echoes",
+            mem_gb=LIGHT_MEM_GB,
+        )
+        fieldmap = pe.Node(
+            FieldMap(
+                method=unwrapping if input_type == "phase" else None,
+                mcpc3ds=mcpc3ds,
+                fit_offset=not mcpc3ds,
+                omp_nthreads=omp_nthreads,
+            ),
+            name="field_map",
+            **heavy,
+        )
+        # fmt: off
+        wf.connect([
+            (inputnode, prep, [("mag_files", "mag_files"),
+                               ("phase_files", "phase_files"),
+                               ("echo_times", "echo_times"),
+                               ("phase_units", "phase_units")]),
+            (inputnode, fieldmap, [("echo_times", "echo_times")]),
+            (prep, fieldmap, [("out_mag", "in_mag"),
+                              ("out_phase", "in_phase"),
+                              ("side_info", "side_info")]),
+            (fieldmap, bgremove, [("total_field", "total_field")]),
+            (fieldmap, outputnode, [("total_field", "total_field"),
+                                    ("quality", "quality")]),
+        ])
+        # fmt: on
+
+    # Mask: the user's, or from the magnitude, or from the unwrapping's quality map
+    if user_mask:
+        brainmask = pe.Node(UserMask(), name="user_mask", mem_gb=LIGHT_MEM_GB)
+        wf.connect([(inputnode, brainmask, [("mask_file", "in_mask")]),
+                    (prep, brainmask, [("out_mag", "reference")])])  # fmt: skip
+    else:
+        brainmask = pe.Node(BrainMask(method=masking), name="brain_mask", mem_gb=LIGHT_MEM_GB)
+        wf.connect([(prep, brainmask, [("out_mag", "in_mag")])])
+    uses_quality = masking in QUALITY_MASKING and not user_mask
+    if uses_quality:
+        wf.connect([(fieldmap, brainmask, [("quality", "quality")])])
+    elif fieldmap is not None:
+        wf.connect([(brainmask, fieldmap, [("out_mask", "mask")])])
+    if two_pass:
+        reliable = pe.Node(
+            BrainMask(method=masking, params={"fill_holes": False}),
+            name="reliable_mask",
+            mem_gb=LIGHT_MEM_GB,
+        )
+        wf.connect([(prep, reliable, [("out_mag", "in_mag")]),
+                    (reliable, invert, [("out_mask", "reliable_mask")])])  # fmt: skip
+        if uses_quality:
+            wf.connect([(fieldmap, reliable, [("quality", "quality")])])
+
     # fmt: off
     wf.connect([
-        (inputnode, prep, [("mag_files", "mag_files"),
-                           ("phase_files", "phase_files"),
-                           ("echo_times", "echo_times"),
-                           ("phase_units", "phase_units")]),
-        (inputnode, fieldmap, [("echo_times", "echo_times")]),
-        (prep, brainmask, [("out_mag", "in_mag")]),
-        (prep, fieldmap, [("out_mag", "in_mag"),
-                          ("out_phase", "in_phase"),
-                          ("side_info", "side_info")]),
-        (fieldmap, bgremove, [("total_field", "total_field")]),
         (brainmask, bgremove, [("out_mask", "mask")]),
         (prep, bgremove, [("side_info", "side_info")]),
         (inputnode, bgremove, [("field_strength", "field_strength")]),
@@ -166,12 +279,7 @@ def init_qsm_wf(
         (invert, outputnode, [("chi_map", "chi_map")]),
         (bgremove, outputnode, [("out_mask", "mask"),
                                 ("local_field", "local_field")]),
-        (fieldmap, outputnode, [("total_field", "total_field")]),
         (prep, outputnode, [("side_info", "side_info")]),
     ])
-    if masking in QUALITY_MASKING:
-        wf.connect([(fieldmap, brainmask, [("quality", "quality")])])
-    else:
-        wf.connect([(brainmask, fieldmap, [("out_mask", "mask")])])
     # fmt: on
     return wf
