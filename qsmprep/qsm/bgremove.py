@@ -34,7 +34,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .dipole import crop, dipole_kernel, pad, padded_shape, sphere_kernel
+from .dipole import crop, dipole_kernel, pad, padded_shape
 
 logger = logging.getLogger("qsmprep")
 
@@ -90,19 +90,65 @@ def _conv_shape(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: fl
     )
 
 
-def _ball_count(voxel_size: Sequence[float], radius_mm: float) -> int:
-    """Number of voxels in the discrete ball of ``radius_mm`` (as in ``sphere_kernel``)."""
-    axes = [
-        np.arange(-math.ceil(radius_mm / v), math.ceil(radius_mm / v) + 1) * v for v in voxel_size
-    ]
-    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-    return int((r2 <= radius_mm**2).sum())
+def _ball_weights(voxel_size: Sequence[float], radius_mm: float) -> np.ndarray:
+    """SMV weights on the discrete ball of ``radius_mm``, on a box ``2h+1`` voxels wide.
+
+    A plain discrete ball on anisotropic voxels has unequal second moments along the
+    axes, so the spherical mean of a harmonic field (e.g. ``x^2 - z^2``) is off by
+    ``O(h^2)`` and a steep background leaks into the local field. The weights are
+    ``1 + sum_a l_a d_a^2`` (``d_a`` the offset in mm along axis ``a``), with ``l``
+    chosen so that the three second moments are equal; on isotropic voxels ``l = 0``
+    and this is the plain ball of :func:`qsmprep.qsm.dipole.sphere_kernel`. Where that
+    would need a non-positive weight (extreme anisotropy) the plain ball is kept.
+    """
+    half = [int(math.ceil(radius_mm / v)) for v in voxel_size]
+    d2 = [(np.arange(-h, h + 1) * v) ** 2 for h, v in zip(half, voxel_size, strict=True)]
+    q = [d2[0][:, None, None], d2[1][None, :, None], d2[2][None, None, :]]
+    ball = q[0] + q[1] + q[2] <= radius_mm**2
+    qb = [np.broadcast_to(qa, ball.shape)[ball] for qa in q]
+    gram = np.array([[np.dot(qa, qc) for qc in qb] for qa in qb])
+    moments = np.array([qa.sum() for qa in qb])
+    system = np.array([gram[0] - gram[1], gram[0] - gram[2], [1.0, 1.0, 1.0]])
+    target = np.array([moments[1] - moments[0], moments[2] - moments[0], 0.0])
+    try:
+        lam = np.linalg.solve(system, target)
+    except np.linalg.LinAlgError:  # a ball one voxel thick along some axis
+        lam = np.full(3, np.nan)
+    balanced = np.where(ball, 1.0 + lam[0] * q[0] + lam[1] * q[1] + lam[2] * q[2], 0.0)
+    if balanced[ball].min() > 0:  # False for NaN
+        return balanced / balanced.sum()
+    logger.warning(
+        "SMV ball of %.3g mm on %s mm voxels cannot be moment-balanced; plain ball used",
+        radius_mm,
+        tuple(voxel_size),
+    )
+    return ball / ball.sum()
 
 
-def _smv_erode(mask_hat: np.ndarray, kernel: np.ndarray, shape, count: int) -> np.ndarray:
+def smv_kernel(
+    shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float
+) -> tuple[np.ndarray, float]:
+    """Half-spectrum SMV kernel (float32) of radius ``radius_mm``, and its least weight.
+
+    The same as :func:`qsmprep.qsm.dipole.sphere_kernel` on isotropic voxels; on
+    anisotropic voxels the ball's weights are balanced so that its second moments are
+    isotropic (see :func:`_ball_weights`). The least weight sets the erosion threshold.
+    """
+    w = _ball_weights(voxel_size, radius_mm)
+    if any(n > size for n, size in zip(w.shape, shape, strict=True)):
+        raise ValueError(f"SMV ball of {radius_mm:g} mm does not fit in a grid of {shape}")
+    grid = np.zeros(shape, dtype=np.float64)
+    # centre the ball on voxel 0 with circular wrap, so that its transform is real
+    idx = [(np.arange(n) - n // 2) % size for n, size in zip(w.shape, shape, strict=True)]
+    grid[np.ix_(*idx)] = w
+    kernel = sfft.rfftn(grid).real.astype(np.float32)
+    return kernel, float(w[w > 0].min())
+
+
+def _smv_erode(mask_hat: np.ndarray, kernel: np.ndarray, shape, min_weight: float) -> np.ndarray:
     """Voxels whose whole SMV ball lies in the mask, from the mask's spectrum ``mask_hat``."""
     frac = sfft.irfftn(mask_hat * kernel, s=shape)
-    return frac > 1.0 - 0.5 / count
+    return frac > 1.0 - 0.5 * min_weight
 
 
 def _uncrop(x: np.ndarray, box: tuple[slice, ...], shape, dtype) -> np.ndarray:
@@ -136,7 +182,9 @@ def default_vsharp_radii(voxel_size: Sequence[float]) -> list[float]:
     vs = [float(v) for v in voxel_size]
     r_min = max(2 * min(vs), max(vs))
     r_max = max(VSHARP_MAX_RADIUS_MM, r_min)
-    n = int(np.clip(round((r_max - r_min) / r_min) + 1, 1, VSHARP_MAX_KERNELS))
+    if r_max == r_min:
+        return [r_max]
+    n = int(np.clip(math.ceil((r_max - r_min) / r_min - 1e-9) + 1, 2, VSHARP_MAX_KERNELS))
     return [float(r) for r in np.linspace(r_max, r_min, n)]
 
 
@@ -191,13 +239,13 @@ def vsharp(
     done = np.zeros(shape, dtype=bool)
     inverse = None
     for r in radii:
-        s = sphere_kernel(shape, vs, r)
+        s, min_weight = smv_kernel(shape, vs, r)
         if inverse is None:
             one_minus = 1 - s
             small = np.abs(one_minus) < threshold
             one_minus[small] = 1
             inverse = np.where(small, np.float32(0), 1 / one_minus).astype(np.float32)
-        fits = _smv_erode(m_hat, s, shape, _ball_count(vs, r))
+        fits = _smv_erode(m_hat, s, shape, min_weight)
         new = fits & ~done
         if new.any():
             smoothed = sfft.irfftn(f_hat * s, s=shape)
@@ -650,10 +698,10 @@ def ismv(
     box = _bbox(m)
     mc = m[box]
     shape = _conv_shape(mc.shape, vs, radius)
-    s = sphere_kernel(shape, vs, radius)
+    s, min_weight = smv_kernel(shape, vs, radius)
     m_pad = pad(mc, shape)
     f_pad = pad(np.where(mc, f[box], np.float32(0)), shape)
-    eroded = _smv_erode(sfft.rfftn(m_pad.astype(np.float32)), s, shape, _ball_count(vs, radius))
+    eroded = _smv_erode(sfft.rfftn(m_pad.astype(np.float32)), s, shape, min_weight)
     eroded &= m_pad
     if not eroded.any():
         raise ValueError(f"mask too small for iSMV: no sphere of {radius:g} mm fits inside")
