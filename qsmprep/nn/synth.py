@@ -264,8 +264,7 @@ def random_shapes_chi(
 
 @dataclass(frozen=True)
 class _HeadVolume:
-    chi: np.ndarray  # brain chi (ppm), zero outside the brain, cropped to the brain
-    mask: np.ndarray  # brain mask as float32 (for interpolation)
+    chi: np.ndarray  # brain chi (ppm), NaN outside the brain, cropped to the brain (+1 voxel)
     brain_idx: np.ndarray  # (K, 3) indices of brain voxels (patch centres are drawn here)
     voxel_size: tuple[float, float, float]
 
@@ -278,21 +277,29 @@ def _head_volume(seed: int, voxel_size: tuple[float, float, float]) -> _HeadVolu
     ph = make_head_phantom(voxel_size=voxel_size, seed=seed)
     mask = np.asarray(ph.brain_mask, dtype=bool)
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
     m = mask[box]
-    chi = np.where(m, np.asarray(ph.chi, dtype=np.float32)[box], 0).astype(np.float32)
+    chi = np.where(m, np.asarray(ph.chi, dtype=np.float32)[box], np.nan).astype(np.float32)
     idx = np.argwhere(m)[::7].astype(np.int32)  # a thinned set of centres is plenty
-    return _HeadVolume(chi, m.astype(np.float32), idx, tuple(float(v) for v in voxel_size))
+    return _HeadVolume(chi, idx, tuple(float(v) for v in voxel_size))
 
 
 def _contrast_change(chi: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random monotone remapping of chi's range inside ``mask`` (linear/gamma/log/sigmoid)."""
+    """Random monotone remapping (linear/gamma/log/sigmoid) of chi's tissue range in ``mask``.
+
+    The range is the 1st to 99th percentile inside the mask; values in it are remapped
+    onto the same range, so the tissue contrast changes but no offset appears, and values
+    beyond it (veins, calcifications) are kept.
+    """
     vals = chi[mask]
     if vals.size == 0:
         return chi
-    lo, hi = float(vals.min()), float(vals.max())
+    lo, hi = (float(v) for v in np.percentile(vals, (1, 99)))
     if hi - lo < 1e-6:
         return chi
-    u = np.clip((chi - lo) / (hi - lo), 0, 1)
+    u = (chi - np.float32(lo)) / np.float32(hi - lo)
+    inside = mask & (u >= 0) & (u <= 1)
+    u = np.clip(u, 0, 1)
     how = ("linear", "gamma", "log", "sigmoid")[int(rng.integers(4))]
     if how == "gamma":
         u = u ** np.float32(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
@@ -306,18 +313,30 @@ def _contrast_change(chi: np.ndarray, mask: np.ndarray, rng: np.random.Generator
             return 1 / (1 + np.exp(-g * (x - c)))
 
         u = (s(u) - s(0)) / (s(1) - s(0))
-    return np.where(mask, lo + (hi - lo) * u, 0).astype(np.float32)
+    return np.where(inside, lo + (hi - lo) * u, chi).astype(np.float32)
 
 
 def _elastic_displacement(
     rng: np.random.Generator, shape: Sequence[int], amp_mm: float
 ) -> list[np.ndarray]:
-    """Smooth random displacement (mm) per axis: a 5^3 Gaussian grid upsampled cubically."""
+    """Smooth random displacement (mm) per axis, largest magnitude ``amp_mm``.
+
+    A random combination of 5 x 5 x 5 separable Gaussian bumps (width a fifth of the
+    patch) per axis: cheap, smooth, and small against the bump width, so it never folds.
+    """
+    basis = []
+    for n in shape:
+        i = np.arange(n, dtype=np.float32)[:, None]
+        c = np.linspace(0, n - 1, 5, dtype=np.float32)[None, :]
+        basis.append(np.exp(-0.5 * ((i - c) / np.float32(n / 5)) ** 2))
+    bx, by, bz = basis
     out = []
     for _ in range(3):
-        coarse = rng.normal(0, amp_mm / 2, size=(5, 5, 5)).astype(np.float32)
-        zoom = [n / 5 for n in shape]
-        out.append(ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True))
+        coef = rng.standard_normal((5, 5, 5)).astype(np.float32)
+        d = (bx @ (coef.reshape(5, 25))).reshape(-1, 5, 5)  # (X, 5, 5)
+        d = d @ bz.T  # (X, 5, Z)
+        d = np.einsum("xbz,yb->xyz", d, by)
+        out.append(d * np.float32(amp_mm / max(float(np.abs(d).max()), 1e-12)))
     return out
 
 
@@ -331,8 +350,9 @@ def head_patch_chi(
     """Brain chi (ppm) and mask resampled onto a ``shape`` patch of ``voxel_size`` (mm).
 
     The patch is centred on a random brain voxel and samples the phantom through a
-    random rotation with random flips and an elastic warp of up to ``warp_mm``; trilinear
-    interpolation of chi and of the mask (thresholded at 0.5).
+    random rotation with random flips and an elastic warp of up to ``warp_mm``, by
+    trilinear interpolation of chi. Outside the brain chi is NaN, so the patch's mask is
+    where all eight neighbours are brain: no tissue is blended with the outside at the rim.
     """
     shape = tuple(int(n) for n in shape)
     coords = _grid_mm(shape, voxel_size)
@@ -348,8 +368,8 @@ def head_patch_chi(
         for i in range(3)
     ]
     sample = np.stack(np.broadcast_arrays(*sample))
-    chi = ndimage.map_coordinates(head.chi, sample, order=1, mode="constant", cval=0.0)
-    mask = ndimage.map_coordinates(head.mask, sample, order=1, mode="constant", cval=0.0) > 0.5
+    chi = ndimage.map_coordinates(head.chi, sample, order=1, mode="constant", cval=np.nan)
+    mask = np.isfinite(chi)
     return np.where(mask, chi, 0).astype(np.float32), mask
 
 
