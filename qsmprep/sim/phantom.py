@@ -397,16 +397,27 @@ def _paint_veins(canvas: _Canvas, anat: _Anatomy, rng: np.random.Generator) -> N
         canvas.paint_shape(tube(grid, smooth_curve(pts), rng.uniform(0.6, 1.2)), "vein", chi)
 
 
-def _calcification_centre(anat: _Anatomy, rng: np.random.Generator) -> np.ndarray:
-    """A deep white-matter point (corona radiata / centrum semiovale) drawn by the seed."""
+def _calcification_centre(
+    anat: _Anatomy, labels: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A deep white-matter point (corona radiata / centrum semiovale) drawn by the seed,
+    at least 6 mm from the nuclei and veins already painted."""
     grid = NATIVE_GRID
-    box = grid.box(np.array([15.0, -30.0, 10.0]), np.array([38.0, 30.0, 35.0]))
-    cand = np.argwhere(anat.wm[box] > 0.9)
-    i = cand[rng.integers(len(cand))] + [s.start for s in box]
     side = rng.choice([-1.0, 1.0])
-    centre = np.asarray(grid.origin) + i * np.asarray(grid.voxel_size)
-    centre[0] = side * abs(centre[0])
-    return centre
+    lo, hi = np.array([15.0, -30.0, 10.0]), np.array([38.0, 30.0, 35.0])
+    if side < 0:
+        lo, hi = np.array([-hi[0], lo[1], lo[2]]), np.array([-lo[0], hi[1], hi[2]])
+    box = grid.box(lo, hi)
+    wm_label = T.BY_NAME["wm"].label
+    grown = tuple(slice(max(s.start - 6, 0), s.stop + 6) for s in box)
+    painted = (labels[grown] > wm_label) & (labels[grown] != T.BY_NAME["sinus_air"].label)
+    near = ndimage.distance_transform_edt(~painted) < 6.0
+    inner = tuple(
+        slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown, strict=True)
+    )
+    cand = np.argwhere((anat.wm[box] > 0.9) & ~near[inner])
+    i = cand[rng.integers(len(cand))] + [s.start for s in box]
+    return np.asarray(grid.origin) + i * np.asarray(grid.voxel_size)
 
 
 @functools.lru_cache(maxsize=2)
@@ -420,7 +431,7 @@ def _native_phantom(seed: int) -> HeadPhantom:
         for e in _mirrored(nucleus):
             canvas.paint_shape(ellipsoid(NATIVE_GRID, e.centre, e.radii, e.yaw_deg), e.tissue)
     _paint_veins(canvas, anat, rng)
-    calc = _calcification_centre(anat, rng)
+    calc = _calcification_centre(anat, canvas.labels, rng)
     canvas.paint_shape(ellipsoid(NATIVE_GRID, calc, (rng.uniform(2.0, 3.0),) * 3), "calcification")
     return HeadPhantom(
         chi=canvas.chi,

@@ -93,19 +93,35 @@ def box_average(
 def box_mode(
     labels: np.ndarray, src_voxel: Sequence[float], dst_voxel: Sequence[float]
 ) -> np.ndarray:
-    """Label covering the largest share of each coarse voxel (ties: the lower label)."""
-    if np.all(np.abs(_ratios(src_voxel, dst_voxel) - 1) < _TOL):
+    """Label covering the largest share of each coarse voxel (ties: the lower label).
+
+    ``labels`` must be non-negative integers.
+    """
+    ratio = _ratios(src_voxel, dst_voxel)
+    if np.all(np.abs(ratio - 1) < _TOL):
         return labels.copy()
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError("labels must be non-negative integers")
+    n = resampled_shape(labels.shape, src_voxel, dst_voxel)
+    whole = np.round(ratio)
+    if np.all(np.abs(ratio - whole) < _TOL):
+        # integer ratios: histogram of labels per block (one bincount)
+        r = whole.astype(np.int64)
+        nl = int(labels.max()) + 1
+        cut = labels[: n[0] * r[0], : n[1] * r[1], : n[2] * r[2]].astype(np.int64)
+        block = [
+            (np.arange(n[ax] * r[ax]) // r[ax]).reshape([-1 if i == ax else 1 for i in range(3)])
+            for ax in range(3)
+        ]
+        index = ((block[0] * n[1] + block[1]) * n[2] + block[2]) * nl + cut
+        counts = np.bincount(index.ravel(), minlength=int(np.prod(n)) * nl)
+        return np.argmax(counts.reshape(*n, nl), axis=-1).astype(labels.dtype)
     values = np.unique(labels)
-    best = None
-    best_frac = None
-    for v in values:
+    best = np.full(n, values[0], labels.dtype)
+    best_share = box_average(labels == values[0], src_voxel, dst_voxel)
+    for v in values[1:]:
         frac = box_average(labels == v, src_voxel, dst_voxel)
-        if best is None:
-            best = np.full(frac.shape, v, dtype=labels.dtype)
-            best_frac = frac
-            continue
-        better = frac > best_frac + _TOL
+        better = frac > best_share + _TOL
         best[better] = v
-        best_frac = np.where(better, frac, best_frac)
+        best_share = np.where(better, frac, best_share)
     return best
