@@ -27,7 +27,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 log = logging.getLogger("qsmprep")
 
@@ -47,12 +47,12 @@ def _linearity(a, b, c):
     return max(0.0, 1.0 - abs(_wrap(a - 2.0 * b + c)))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _edge_bins(p1, p2, use_p2, te_ratio, mag, use_mag, mag_ref, valid, bins):
     """Fill ``bins[i, j, k, d]`` for the edge from voxel ``(i, j, k)`` to its +1 neighbour
     along axis ``d``; ``p2`` / ``mag`` are read only where ``use_p2`` / ``use_mag``."""
     nx, ny, nz = p1.shape
-    for i in prange(nx):
+    for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 if not valid[i, j, k]:
@@ -90,13 +90,13 @@ def _edge_bins(p1, p2, use_p2, te_ratio, mag, use_mag, mag_ref, valid, bins):
                     bins[i, j, k, d] = min(max(q, 1), NBINS - 1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _quality(bins):
     """Mean dequantised weight of each voxel's six edges."""
     nx, ny, nz, _ = bins.shape
     out = np.zeros((nx, ny, nz), dtype=np.float32)
     scale = 1.0 / (NBINS - 2)
-    for i in prange(nx):
+    for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 s = 0.0
@@ -145,33 +145,27 @@ def _push(e, b, head, nxt, state):
         state[0] = b
 
 
-@njit(cache=True)
-def _push_edges(v, shape, strides, bins, region, head, nxt, state):
-    """Queue the edges from visited voxel ``v`` to its unvisited neighbours."""
-    c0 = v // strides[0]
-    c1 = (v // strides[1]) % shape[1]
-    c2 = v % shape[2]
-    coords = (c0, c1, c2)
+@njit(cache=True, inline="always")
+def _push_edges(v, strides, bins, region, head, nxt, state):
+    """Queue the edges from visited voxel ``v`` to its unvisited neighbours. The volume
+    has a border of invalid voxels (bins 0), so no neighbour index leaves the array."""
     for d in range(3):
         st = strides[d]
-        if coords[d] + 1 < shape[d]:
-            e = 3 * v + d
-            if bins[e] > 0 and region[v + st] == 0:
-                _push(e, bins[e], head, nxt, state)
-        if coords[d] > 0:
-            e = 3 * (v - st) + d
-            if bins[e] > 0 and region[v - st] == 0:
-                _push(e, bins[e], head, nxt, state)
+        e = 3 * v + d
+        if bins[e] > 0 and region[v + st] == 0:
+            _push(e, bins[e], head, nxt, state)
+        e = 3 * (v - st) + d
+        if bins[e] > 0 and region[v - st] == 0:
+            _push(e, bins[e], head, nxt, state)
 
 
 @njit(cache=True)
-def _grow(phase, p2, te_ratio, bins, shape, order, region, nxt):
+def _grow(phase, p2, te_ratio, bins, strides, order, region, nxt):
     """Unwrap ``phase`` (flat, in place) by region growing; label regions in ``region``.
 
     Each edge enters the queue at most once, so a singly linked list per bin through
     ``nxt`` (one slot per edge) is the whole priority queue. Returns the number of regions.
     """
-    strides = (shape[1] * shape[2], shape[2], 1)
     head = np.full(NBINS, -1, dtype=nxt.dtype)
     state = np.zeros(2, dtype=np.int64)  # [lowest possibly non-empty bin, queue size]
     use_p2 = p2.size == phase.size
@@ -194,7 +188,7 @@ def _grow(phase, p2, te_ratio, bins, shape, order, region, nxt):
                         shift = a
             phase[seed] += _TWO_PI * shift
         state[0] = NBINS
-        _push_edges(seed, shape, strides, bins, region, head, nxt, state)
+        _push_edges(seed, strides, bins, region, head, nxt, state)
         while state[1] > 0:
             while head[state[0]] < 0:
                 state[0] += 1
@@ -211,8 +205,28 @@ def _grow(phase, p2, te_ratio, bins, shape, order, region, nxt):
                 continue
             phase[new] -= _TWO_PI * np.round((phase[new] - phase[old]) / _TWO_PI)
             region[new] = nregions
-            _push_edges(new, shape, strides, bins, region, head, nxt, state)
+            _push_edges(new, strides, bins, region, head, nxt, state)
     return nregions
+
+
+@njit(cache=True)
+def _temporal(phase, first, ratios, valid, out):
+    """Unwrap echoes 2.. of ``phase`` (X, Y, Z, E) against the previous echo scaled by
+    ``ratios[e] = TE_e / TE_(e-1)``, from the unwrapped echo 1 ``first`` (padded by one
+    voxel); 0 outside ``valid``."""
+    nx, ny, nz, ne = phase.shape
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if not valid[i, j, k]:
+                    out[i, j, k, :] = 0
+                    continue
+                u = first[i + 1, j + 1, k + 1]
+                out[i, j, k, 0] = u
+                for e in range(1, ne):
+                    w = phase[i, j, k, e]
+                    u = w - _TWO_PI * np.round((w - u * ratios[e]) / _TWO_PI)
+                    out[i, j, k, e] = u
 
 
 def _valid_mask(phase: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -320,34 +334,40 @@ def romeo_unwrap(
         if mg.shape != ph.shape:
             raise ValueError(f"mag shape {np.shape(mag)} does not match phase {np.shape(phase)}")
     valid = _valid_mask(ph, mask)
-    p1 = np.ascontiguousarray(_wrap_np(ph[..., 0]))
-    p2 = np.ascontiguousarray(_wrap_np(ph[..., 1])) if ne > 1 else None
+    # a border of invalid voxels spares the region growing every bounds check
+    border = ((1, 1),) * 3
+    inner = (slice(1, -1),) * 3
+    valid_p = np.pad(valid, border)
+    p1 = np.pad(_wrap_np(ph[..., 0]), border)
+    p2 = np.pad(_wrap_np(ph[..., 1]), border) if ne > 1 else None
     te_ratio = float(tes[0] / tes[1]) if ne > 1 else 1.0
-    bins = edge_weights(p1, None if mg is None else mg[..., 0], valid, p2, te_ratio)
+    bins = edge_weights(
+        p1, None if mg is None else np.pad(mg[..., 0], border), valid_p, p2, te_ratio
+    )
     quality = voxel_quality(bins)
     region = np.zeros(p1.size, dtype=np.int32)
-    order = _seed_order(quality, valid)
     flat = p1.ravel()
     nregions = _grow(
         flat,
         np.zeros(0, np.float32) if p2 is None else p2.ravel(),
         te_ratio,
         bins.ravel(),
-        np.array(p1.shape, dtype=np.int64),
-        order,
+        np.array([p1.shape[1] * p1.shape[2], p1.shape[2], 1], dtype=np.int64),
+        _seed_order(quality, valid_p),
         region,
         np.empty(bins.size, dtype=np.int32 if bins.size < 2**31 else np.int64),
     )
     log.debug("ROMEO grew %d region(s)", nregions)
-    out = np.zeros(ph.shape, dtype=np.float32)
-    out[..., 0] = flat.reshape(p1.shape)
-    for e in range(1, ne):
-        pred = out[..., e - 1] * np.float32(tes[e] / tes[e - 1])
-        w = _wrap_np(ph[..., e])
-        out[..., e] = w - np.float32(2 * np.pi) * np.round((w - pred) / np.float32(2 * np.pi))
-    out[~valid] = 0
-    return (out[..., 0] if single else out), quality
+    del bins, region, p2
+    out = np.empty(ph.shape, dtype=np.float32)
+    ratios = np.ones(ne, dtype=np.float32)
+    ratios[1:] = tes[1:] / tes[:-1]
+    _temporal(np.ascontiguousarray(ph), p1, ratios, valid, out)
+    return (out[..., 0] if single else out), np.ascontiguousarray(quality[inner])
 
 
 def _wrap_np(x: np.ndarray) -> np.ndarray:
-    return ((x + np.pi) % (2 * np.pi) - np.pi).astype(np.float32, copy=False)
+    """Wrap to [-pi, pi] (float32); faster than a floating-point modulo."""
+    x = np.asarray(x, dtype=np.float32)
+    two_pi = np.float32(2 * np.pi)
+    return x - two_pi * np.rint(x / two_pi)

@@ -87,7 +87,8 @@ def _unwrap_laplacian(
     (single echo: the median phase).
     """
     ne = phase.shape[-1]
-    phase = np.where(np.isfinite(phase), phase, np.float32(0))
+    if not np.isfinite(phase).all():
+        phase = np.where(np.isfinite(phase), phase, np.float32(0))
     out = np.empty(phase.shape, dtype=np.float32)
     for e in range(ne):
         u = laplacian_unwrap(phase[..., e], voxel_size)
