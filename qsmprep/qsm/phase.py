@@ -196,7 +196,9 @@ def mcpc3ds(
     evolution, _ = romeo_unwrap(hip, mag=weight, mask=mask)
     evolution -= np.float32(2 * np.pi) * np.round(np.median(evolution[mask]) / (2 * np.pi))
     offset = ph[..., 0] - evolution * np.float32(tes[0] / (tes[1] - tes[0]))
-    amp = np.where(mask, weight, np.float32(0))
+    good = mask & np.isfinite(offset) & np.isfinite(weight)
+    amp = np.where(good, weight, np.float32(0))
+    offset = np.where(good, offset, np.float32(0))
     sigma = sigma_mm / vs
 
     def smooth(angle: np.ndarray) -> np.ndarray:
