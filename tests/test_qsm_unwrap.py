@@ -130,5 +130,7 @@ def test_unwrap_echoes_rejects_bad_input():
         unwrap.unwrap_echoes(phase, None, [0.01, 0.01], mask, (1, 1, 1), "laplacian")
     with pytest.raises(ValueError, match="mag shape"):
         unwrap.unwrap_echoes(phase, np.ones((4, 4, 4)), [0.01, 0.02], mask, (1, 1, 1), "romeo")
+    with pytest.raises(ValueError, match="unexpected keyword argument 'nbins'"):
+        unwrap.unwrap_echoes(phase, None, [0.01, 0.02], mask, (1, 1, 1), "romeo", nbins=64)
     with pytest.raises(ValueError, match="mask is empty"):
         unwrap.unwrap_echoes(phase, None, [0.01, 0.02], ~mask, (1, 1, 1), "romeo")

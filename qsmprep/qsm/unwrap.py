@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -144,6 +145,7 @@ def unwrap_echoes(
     mask: np.ndarray | None,
     voxel_size: Sequence[float],
     method: str = "romeo",
+    **params,
 ) -> UnwrapResult:
     """Unwrap multi-echo phase with ``method`` (a key of :data:`METHODS`).
 
@@ -152,6 +154,7 @@ def unwrap_echoes(
     volume, ``voxel_size`` in mm. Returns :class:`UnwrapResult` with the unwrapped phase
     ``(X, Y, Z, E)`` float32 rad (0 outside the mask) and, for ROMEO, the voxel quality
     ``(X, Y, Z)`` in [0, 1]. For quality-based masking run ROMEO with ``mask=None`` first.
+    ``params`` go to the method (the built-in methods take none).
     """
     if method not in METHODS:
         raise ValueError(f"unknown unwrapping method {method!r}; choose from {sorted(METHODS)}")
@@ -181,4 +184,9 @@ def unwrap_echoes(
     if not m.any():
         raise ValueError("mask is empty")
     _check_voxel_size(voxel_size)
-    return METHODS[method](ph, mg, tes, m, voxel_size)
+    func = METHODS[method]
+    try:
+        inspect.signature(func).bind(ph, mg, tes, m, voxel_size, **params)
+    except TypeError as err:
+        raise ValueError(f"unwrapping method {method!r}: {err}") from None
+    return func(ph, mg, tes, m, voxel_size, **params)
