@@ -342,9 +342,10 @@ def field_strength(run: MEGRERun, fallback: float | None = None) -> float:
             )
         return run.field_strength
     if fallback is None:
-        source = run.fieldmap_file or run.phase_files[0]
+        source = Path(run.fieldmap_file or run.phase_files[0]).name
+        sidecar = source.removesuffix(".gz").removesuffix(".nii") + ".json"
         raise BIDSError(
-            f"MagneticFieldStrength missing from the sidecar of {Path(source).name}; "
+            f"MagneticFieldStrength missing from {sidecar} (and any inherited sidecar); "
             "pass the field strength in tesla with --field-strength"
         )
     return float(fallback)

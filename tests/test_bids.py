@@ -134,7 +134,10 @@ def test_affine_mismatch(tmp_path):
 def test_field_strength_fallback(tmp_path):
     root = _dataset(tmp_path, echoes=(1,), tes=(0.01,), b0=None)
     (run,) = collect_runs(load_layout(root), "01")
-    with pytest.raises(BIDSError, match="MagneticFieldStrength missing .*--field-strength"):
+    msg = (
+        "MagneticFieldStrength missing from sub-01_echo-1_part-phase_MEGRE.json.*--field-strength"
+    )
+    with pytest.raises(BIDSError, match=msg):
         field_strength(run)
     assert field_strength(run, 7.0) == 7.0
     root2 = _dataset(tmp_path / "b", echoes=(1,), tes=(0.01,), b0=3.0)

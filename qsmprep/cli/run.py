@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mcpc3ds",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="remove the echo-independent phase offset (MCPC-3D-S) before unwrapping "
-        f"(default: {_on_off(DEFAULT_OPTIONS['mcpc3ds'])})",
+        help="remove the echo-independent phase offset (MCPC-3D-S) before unwrapping; "
+        f"wrapped phase with 2+ echoes only (default: {_on_off(DEFAULT_OPTIONS['mcpc3ds'])})",
     )
     g.add_argument(
         "--two-pass",
@@ -226,13 +226,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
     raise AssertionError("unreachable")  # parser.error exits
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to the current ``sys.stderr`` (which callers may redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def _setup_logging(verbose: int) -> None:
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
     level = logging.DEBUG if verbose >= 2 else logging.INFO
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s qsmprep %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

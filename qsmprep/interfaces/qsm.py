@@ -242,9 +242,6 @@ class _FieldMapInputSpec(BaseInterfaceInputSpec):
         None, traits.Str, mandatory=True, desc="qsmprep.qsm.unwrap.METHODS name; None: unwrapped"
     )
     mcpc3ds = traits.Bool(False, usedefault=True, desc="remove the phase offset (MCPC-3D-S)")
-    fit_offset = traits.Bool(
-        True, usedefault=True, desc="fit a phase offset with the field (needs two echoes)"
-    )
     params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="unwrapping parameters")
     omp_nthreads = traits.Int(1, usedefault=True, desc="threads")
 
@@ -257,9 +254,11 @@ class _FieldMapOutputSpec(TraitedSpec):
 class FieldMap(SimpleInterface):
     """Unwrap the phase of every echo and fit the total field (Hz) over echo time.
 
-    With ``mcpc3ds`` the echo-independent phase offset is removed first (MCPC-3D-S);
-    ``fit_offset`` fits ``phase = phi0 + 2 pi f TE`` instead of a line through the origin
-    (ignored for a single echo). ``method=None`` takes the phase as already unwrapped.
+    With ``mcpc3ds`` the echo-independent phase offset is removed first (MCPC-3D-S, two
+    echoes or more).
+    The fit is a magnitude-weighted line through the origin (on the project's phantoms
+    it beats a fit with a phase-offset term, with or without MCPC-3D-S).
+    ``method=None`` takes the phase as already unwrapped.
     """
 
     input_spec = _FieldMapInputSpec
@@ -276,7 +275,7 @@ class FieldMap(SimpleInterface):
         side = read_side_info(self.inputs.side_info)
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
         with thread_limits(self.inputs.omp_nthreads):
-            if self.inputs.mcpc3ds:
+            if self.inputs.mcpc3ds and len(tes) > 1:
                 with stage("phase-offset removal (MCPC-3D-S)"):
                     phase = mcpc3ds(phase, mag, tes, side.voxel_size)
             if self.inputs.method is None:
@@ -294,13 +293,7 @@ class FieldMap(SimpleInterface):
                     )
                 unwrapped, quality = result.unwrapped, result.quality
             with stage("echo fit"):
-                field_hz = fit_field(
-                    unwrapped,
-                    mag,
-                    tes,
-                    mask=mask,
-                    with_offset=self.inputs.fit_offset and len(tes) > 1,
-                )
+                field_hz = fit_field(unwrapped, mag, tes, mask=mask)
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
         )

@@ -150,7 +150,8 @@ def init_participant_wf(
         if masks is not None:
             inputs.mask_file = masks[run.prefix]
 
-        outputs = _outputs(run, bids_dir, b0, records, mcpc3ds)
+        applied = mcpc3ds and input_type == "phase" and len(run.echo_times) > 1
+        outputs = _outputs(run, bids_dir, b0, records, applied)
         if with_quality:
             outputs.append(_quality_output(run, bids_dir, unwrapping))
         for field, out_name, meta, with_side in outputs:
@@ -193,10 +194,9 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         field_model = {"Unwrapping": records["unwrapping"]}
         if mcpc3ds:
             field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
-        single = len(run.echo_times) == 1
-        fit = "through the origin" if mcpc3ds or single else "with a phase offset"
         field_model.update(
-            EchoCombination=f"magnitude-weighted least-squares fit of phase over echo time, {fit}",
+            EchoCombination="magnitude-weighted least-squares fit of the phase over echo time, "
+            "through the origin",
             MagneticFieldStrength=b0,
             EchoTime=list(run.echo_times),
         )

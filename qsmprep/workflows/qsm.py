@@ -38,7 +38,6 @@ def check_methods(
     *,
     inversion: str | None = None,
     input_type: str = "phase",
-    mcpc3ds: bool = False,
     two_pass: bool = False,
     user_mask: bool = False,
 ) -> None:
@@ -52,8 +51,6 @@ def check_methods(
                 f"masking {masking!r} thresholds the unwrapping's voxel-quality map: use it "
                 f"with unwrapping {' or '.join(sorted(QUALITY_UNWRAPPING))} on wrapped phase"
             )
-    if mcpc3ds and not unwraps:
-        raise ValueError("MCPC-3D-S works on wrapped phase, not on input type " + input_type)
     if two_pass and inversion in NO_TWO_PASS:
         raise ValueError(f"two-pass inversion is not available with {inversion}")
     if two_pass and user_mask:
@@ -100,9 +97,8 @@ def init_qsm_wf(
         rad: the unwrapping is skipped) or ``"fieldmap"`` (``fieldmap_file``, a total
         field in Hz, with ``mag_files``: unwrapping and echo fit are skipped).
     mcpc3ds : bool
-        Remove the echo-independent phase offset (MCPC-3D-S) before unwrapping; the echo
-        fit then goes through the origin. Without it, the fit has a phase-offset term
-        (with two echoes or more).
+        Remove the echo-independent phase offset (MCPC-3D-S) before unwrapping (wrapped
+        phase with two echoes or more; otherwise it does nothing).
     two_pass : bool
         Two-pass inversion: a second mask without hole filling (the reliable voxels) is
         inverted first, the filled mask second, and the two are combined.
@@ -157,7 +153,6 @@ def init_qsm_wf(
         masking,
         inversion=inversion,
         input_type=input_type,
-        mcpc3ds=mcpc3ds,
         two_pass=two_pass,
         user_mask=user_mask,
     )
@@ -221,8 +216,7 @@ def init_qsm_wf(
         fieldmap = pe.Node(
             FieldMap(
                 method=unwrapping if input_type == "phase" else None,
-                mcpc3ds=mcpc3ds,
-                fit_offset=not mcpc3ds,
+                mcpc3ds=mcpc3ds and input_type == "phase",
                 omp_nthreads=omp_nthreads,
             ),
             name="field_map",
