@@ -41,7 +41,7 @@ SIGNAL_SCALE = 1000.0
 MAX_SHIM_ORDER = 2
 
 #: Mask voxels used for the shim fit (a regular subsample of larger masks).
-_SHIM_SAMPLES = 200_000
+_SHIM_SAMPLES = 50_000
 
 
 def tilt_rotation(b0_tilt_deg: Sequence[float]) -> np.ndarray:
