@@ -335,7 +335,7 @@ def _sagittal_sinus(shell: ShellProjector) -> np.ndarray:
     """Control points of the superior sagittal sinus: the midline brain surface, frontal
     to occipital, 0.8 mm outside the envelope."""
     centre = np.array([0.0, -18.0, 10.0])
-    phi = np.deg2rad(np.linspace(35.0, 195.0, 33))
+    phi = np.deg2rad(np.linspace(20.0, 195.0, 36))
     dirs = np.stack([np.zeros_like(phi), np.cos(phi), np.sin(phi)], axis=1)
     pts = shell.project(centre + 80.0 * dirs, 0.8)
     pts[:, 0] = 0.0

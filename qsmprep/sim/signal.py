@@ -322,8 +322,9 @@ def simulate_megre(
     if snr is not None:
         ref = np.abs(signal[..., 0][mask]).mean() if mask.any() else np.abs(signal[..., 0]).mean()
         sigma = float(ref / snr)
-        noise = rng.standard_normal((*signal.shape, 2), dtype=np.float32)
-        signal += np.float32(sigma) * (noise[..., 0] + 1j * noise[..., 1])
+        for e in range(len(te)):  # one echo at a time: 1 mm data are large
+            noise = rng.standard_normal((2, *out_shape), dtype=np.float32)
+            signal[..., e] += np.float32(sigma) * (noise[0] + 1j * noise[1])
 
     local_t = down(local_ppm)
     total_t = down(total_ppm)
