@@ -68,12 +68,17 @@ def thread_limits(n: int) -> Iterator[None]:
 
 
 @contextmanager
-def stage(what: str) -> Iterator[None]:
-    """Log the start and the duration of a processing stage (INFO on the ``qsmprep`` logger)."""
-    logger.info("%s ...", what)
+def stage(what: str, cwd: str) -> Iterator[None]:
+    """Log the start and the duration of a processing stage (INFO on the ``qsmprep`` logger).
+
+    Messages start with the name of the workflow running the node (the parent of the
+    node's folder ``cwd``), so that runs processed in parallel can be told apart.
+    """
+    label = Path(cwd).parent.name.removeprefix("qsm_").removesuffix("_wf")
+    logger.info("%s: %s ...", label, what)
     t0 = time.perf_counter()
     yield
-    logger.info("%s done in %.1f s", what, time.perf_counter() - t0)
+    logger.info("%s: %s done in %.1f s", label, what, time.perf_counter() - t0)
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:

@@ -194,7 +194,7 @@ class BrainMask(SimpleInterface):
 
         mag, img = load(self.inputs.in_mag)
         quality = load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
-        with stage(f"masking ({self.inputs.method})"):
+        with stage(f"masking ({self.inputs.method})", runtime.cwd):
             mask = make_mask(mag, self.inputs.method, quality=quality, **self.inputs.params)
         if not mask.any():
             raise ValueError(f"the {self.inputs.method} brain mask is empty")
@@ -276,12 +276,14 @@ class FieldMap(SimpleInterface):
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
         with thread_limits(self.inputs.omp_nthreads):
             if self.inputs.mcpc3ds and len(tes) > 1:
-                with stage("phase-offset removal (MCPC-3D-S)"):
+                with stage("phase-offset removal (MCPC-3D-S)", runtime.cwd):
                     phase = mcpc3ds(phase, mag, tes, side.voxel_size)
             if self.inputs.method is None:
                 unwrapped, quality = phase, None
             else:
-                with stage(f"phase unwrapping ({self.inputs.method}, {len(tes)} echoes)"):
+                with stage(
+                    f"phase unwrapping ({self.inputs.method}, {len(tes)} echoes)", runtime.cwd
+                ):
                     result = unwrap_echoes(
                         phase,
                         mag,
@@ -292,7 +294,7 @@ class FieldMap(SimpleInterface):
                         **self.inputs.params,
                     )
                 unwrapped, quality = result.unwrapped, result.quality
-            with stage("echo fit"):
+            with stage("echo fit", runtime.cwd):
                 field_hz = fit_field(unwrapped, mag, tes, mask=mask)
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
@@ -339,7 +341,7 @@ class BackgroundRemoval(SimpleInterface):
         field_ppm = hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
         with (
             thread_limits(self.inputs.omp_nthreads),
-            stage(f"background field removal ({self.inputs.method})"),
+            stage(f"background field removal ({self.inputs.method})", runtime.cwd),
         ):
             local, mask_used = remove_background(
                 field_ppm,
@@ -397,7 +399,10 @@ class DipoleInversion(SimpleInterface):
         mask = load_mask(self.inputs.mask)
         side = read_side_info(self.inputs.side_info)
         method = self.inputs.method
-        with thread_limits(self.inputs.omp_nthreads), stage(f"dipole inversion ({method})"):
+        with (
+            thread_limits(self.inputs.omp_nthreads),
+            stage(f"dipole inversion ({method})", runtime.cwd),
+        ):
             if method == "adaptive-unet":
                 from ..nn.inference import invert_adaptive_unet
 
