@@ -350,6 +350,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path, ph4):
         write_bids_dataset(tmp_path / "c", [SubjectSpec("01", phase_units="deg")])
     with pytest.raises(ValueError, match="twice"):
         write_bids_dataset(tmp_path / "d", [SubjectSpec("01"), SubjectSpec("01")])
+    with pytest.raises(ValueError, match="seconds"):  # before anything is written
+        write_bids_dataset(tmp_path / "g", [SubjectSpec("01"), SubjectSpec("02", echo_times=(8,))])
+    assert not (tmp_path / "g").exists()
     with pytest.raises(ValueError, match="preset"):
         write_bids_dataset(tmp_path / "e", preset="huge")
     (tmp_path / "f").mkdir()

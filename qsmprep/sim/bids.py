@@ -29,7 +29,7 @@ import numpy as np
 
 from . import tissues as T
 from .phantom import HeadPhantom, make_head_phantom
-from .signal import MegreSimulation, simulate_megre
+from .signal import MegreSimulation, check_echo_times, simulate_megre, tilt_rotation
 
 #: Siemens stores phase as integers -4096..4095 for -pi..pi.
 SIEMENS_PHASE_MAX = 4096
@@ -131,6 +131,18 @@ class SubjectSpec:
             raise ValueError(f"phase_units must be 'rad' or 'siemens', got {self.phase_units!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        # the simulation checks these too, but only after earlier runs were written
+        if self.echo_times is not None:
+            check_echo_times(self.echo_times)
+        if self.voxel_size is not None:
+            vs = np.asarray(self.voxel_size, float)
+            if vs.shape != (3,) or not np.all(vs >= 1.0):
+                raise ValueError(f"voxel_size must be 3 values >= 1 mm, got {self.voxel_size}")
+        tilt_rotation(self.b0_tilt_deg)
+        if not self.field_strength > 0:
+            raise ValueError(f"field_strength must be positive tesla, got {self.field_strength}")
+        if self.snr is not None and not self.snr > 0:
+            raise ValueError(f"snr must be positive (None for no noise), got {self.snr}")
 
 
 @dataclass

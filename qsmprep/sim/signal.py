@@ -183,7 +183,8 @@ def _angle(z: np.ndarray) -> np.ndarray:
     return a
 
 
-def _check_echo_times(echo_times: Sequence[float]) -> tuple[float, ...]:
+def check_echo_times(echo_times: Sequence[float]) -> tuple[float, ...]:
+    """Echo times as a tuple of seconds; ValueError unless positive, increasing and < 1 s."""
     te = np.asarray(echo_times, float).ravel()
     if te.size == 0:
         raise ValueError("at least one echo time is needed")
@@ -285,7 +286,7 @@ def simulate_megre(
         over the brain, as a scanner's frequency adjustment and shim do; None for none.
     phase_offset : add the smooth echo-independent phase offset ``phi0``.
     """
-    te = _check_echo_times(echo_times)
+    te = check_echo_times(echo_times)
     if not np.isfinite(field_strength) or field_strength <= 0:
         raise ValueError(f"field_strength must be positive tesla, got {field_strength}")
     if snr is not None and (not np.isfinite(snr) or snr <= 0):
