@@ -91,7 +91,7 @@ def test_recovers_local_field(heads, method, case):
     est, used = bgremove.remove_background(total, mask, vs, method, b0_dir=b0)
     assert est.shape == mask.shape and est.dtype == np.float32
     assert used.dtype == bool and not (used & ~mask).any()
-    assert used.sum() > 0.5 * mask.sum()
+    assert used.sum() > 0.4 * mask.sum()  # a small head: erosion by ~8 mm costs half of it
     assert not est[~used].any()
     assert _nrmse(est, local, used) < BOUNDS[method]
     assert abs(_background_left(total, background, used)) > 0.99
@@ -131,11 +131,13 @@ def _harmonic_plus_bump(voxel_size):
     return local, background.astype(np.float32), mask
 
 
-@pytest.mark.parametrize("voxel_size", [(1.5, 1.5, 1.5), (1.5, 1.5, 2.5)])
-def test_lbv_exact_for_discrete_harmonic_background(voxel_size):
+@pytest.mark.parametrize(("voxel_size", "peel"), [((1.5, 1.5, 1.5), 0.0), ((1.5, 1.5, 2.5), 3.0)])
+def test_lbv_exact_for_discrete_harmonic_background(voxel_size, peel):
     local, background, mask = _harmonic_plus_bump(voxel_size)
-    est, used = bgremove.lbv((local + background) * mask, mask, voxel_size, tol=1e-8)
-    np.testing.assert_array_equal(used, ndimage.binary_erosion(mask))
+    total = (local + background) * mask
+    est, used = bgremove.lbv(total, mask, voxel_size, tol=1e-8, peel_mm=peel)
+    peeled = ndimage.binary_erosion(mask, _ball(voxel_size, peel)) if peel else mask
+    np.testing.assert_array_equal(used, ndimage.binary_erosion(peeled))
     assert np.abs(est - local)[used].max() < 1e-4 * np.abs(local).max()
 
 
@@ -165,10 +167,16 @@ def test_vsharp_mask_is_erosion_by_smallest_ball(heads):
     np.testing.assert_array_equal(used, ndimage.binary_erosion(mask, _ball(vs, radii[-1])))
 
 
-def test_ismv_mask_is_erosion_by_its_ball(heads):
+def test_ismv_mask_is_peel_and_erosion_by_its_ball(heads):
     _, background, mask, vs, _ = heads["iso"]
-    _, used = bgremove.ismv(background * mask, mask, vs, radius_mm=3.0)
+    _, used = bgremove.ismv(background * mask, mask, vs, radius_mm=3.0, peel_mm=0)
     np.testing.assert_array_equal(used, ndimage.binary_erosion(mask, _ball(vs, 3.0)))
+    _, used = bgremove.ismv(background * mask, mask, vs, radius_mm=3.0, peel_mm=2.0)
+    peeled = ndimage.binary_erosion(mask, _ball(vs, 2.0))
+    np.testing.assert_array_equal(used, ndimage.binary_erosion(peeled, _ball(vs, 3.0)))
+    # a peel below one voxel changes nothing
+    _, same = bgremove.ismv(background * mask, mask, vs, radius_mm=3.0, peel_mm=1.0)
+    np.testing.assert_array_equal(same, ndimage.binary_erosion(mask, _ball(vs, 3.0)))
 
 
 def test_smv_kernel_is_sphere_kernel_on_isotropic_voxels():
@@ -248,6 +256,10 @@ def test_bad_input():
         bgremove.vsharp(f[..., None], m[..., None], (1, 1, 1))
     with pytest.raises(ValueError, match="too small"):
         bgremove.vsharp(f, m, (1, 1, 1), radii_mm=[6.0])
+    with pytest.raises(ValueError, match="peel_mm"):
+        bgremove.lbv(f, m, (1, 1, 1), peel_mm=-1)
+    with pytest.raises(ValueError, match="after peeling"):
+        bgremove.lbv(f, m, (1, 1, 1), peel_mm=5)
     with pytest.raises(ValueError, match="threshold"):
         bgremove.vsharp(f, m, (1, 1, 1), threshold=1.5)
     with pytest.raises(ValueError, match="weight must be"):
