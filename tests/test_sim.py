@@ -30,6 +30,7 @@ from qsmprep.sim import (
 )
 from qsmprep.sim.__main__ import main as sim_main
 from qsmprep.sim.bids import siemens_phase
+from qsmprep.sim.geometry import Grid, ellipsoid, smooth_curve, tube
 from qsmprep.sim.resample import box_average, box_mode
 from qsmprep.sim.tissues import BY_NAME, CHI_AIR, CORTICAL_VEIN_CHI
 
@@ -113,6 +114,19 @@ def test_box_average_and_mode():
     assert mode[0, 0, 0] == 3 and mode[1, 1, 1] == 0
     with pytest.raises(ValueError, match="finer"):
         box_average(x, (2, 2, 2), (1, 1, 1))
+
+
+def test_soft_shapes_have_their_analytic_volume():
+    grid = Grid(shape=(60, 60, 60), origin=(-30.0, -30.0, -30.0), voxel_size=(1.0, 1.0, 1.0))
+    box, w = ellipsoid(grid, (0.3, -0.2, 0.1), (10.0, 6.0, 4.0), yaw_deg=30.0)
+    assert w.sum() == pytest.approx(4 / 3 * np.pi * 10 * 6 * 4, rel=0.02)
+    box, w = ellipsoid(grid, (0, 0, 0), (5.0, 5.0, 5.0), grow_mm=2.0)
+    assert w.sum() == pytest.approx(4 / 3 * np.pi * 7**3, rel=0.02)
+    line = smooth_curve(np.array([[-15.0, 0.3, 0.2], [15.0, 0.3, 0.2]]))
+    box, w = tube(grid, line, 2.0)
+    # a cylinder of length 30 plus two hemispherical caps
+    assert w.sum() == pytest.approx(np.pi * 2**2 * 30 + 4 / 3 * np.pi * 2**3, rel=0.03)
+    assert w.max() == 1.0 and w.min() == 0.0
 
 
 def test_fields_are_forward_fields_of_chi(ph4):

@@ -137,10 +137,6 @@ class ShellProjector:
     def _sample(self, arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
         return ndimage.map_coordinates(arr, idx.T, order=1, mode="nearest")
 
-    def distance(self, points_mm: np.ndarray) -> np.ndarray:
-        """Signed distance (mm) at ``points_mm`` ``(N, 3)``."""
-        return self._sample(self.sd, self.grid.to_index(np.atleast_2d(points_mm)))
-
     def project(self, points_mm: np.ndarray, level_mm: float, iterations: int = 8) -> np.ndarray:
         """Newton steps along the distance gradient to the ``level_mm`` iso-surface."""
         p = np.array(np.atleast_2d(points_mm), float)
