@@ -88,12 +88,12 @@ def dipole_kernel(
     # other axes must average out, or the kernel is not Hermitian and an oblique B0 leaves
     # a checkerboard error that does not decay with distance.
     kc = [_zero_nyquist(k, n, axis) for axis, (k, n) in enumerate(zip(ks, shape, strict=True))]
-    kb = sum(k * dtype(bi) for k, bi in zip(kc, b, strict=True))
-    kb2 = kb * kb + sum(
-        (k * k - c * c) * dtype(bi * bi) for k, c, bi in zip(ks, kc, b, strict=True)
-    )
+    kb = sum(k * dtype(bi) for k, bi in zip(kc, b, strict=True))  # the one full-size temporary
+    np.square(kb, out=kb)
+    kb += sum((k * k - c * c) * dtype(bi * bi) for k, c, bi in zip(ks, kc, b, strict=True))
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = dtype(1.0 / 3.0) - kb2 / k2
+        d = np.divide(kb, k2, out=kb)
+    np.subtract(dtype(1.0 / 3.0), d, out=d)
     d[0, 0, 0] = 0
     return d.astype(dtype, copy=False)
 
