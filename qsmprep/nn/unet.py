@@ -77,13 +77,14 @@ class AdaptiveConv3d(nn.Module):
         n_out = out_channels * in_channels * kernel_size**3
         self.fmn = FilterManifoldNetwork(side_dim, hidden, n_out)
         # Start from an ordinary convolution's kernel: the output layer's bias is a
-        # Kaiming-uniform kernel (as nn.Conv3d initialises) and its weights are small,
-        # so the side information modulates a sensible kernel instead of producing a
-        # kernel ten times too large.
+        # Kaiming-uniform kernel (as nn.Conv3d initialises) and its weights are scaled so
+        # that the side information modulates that kernel by roughly 10 % between typical
+        # acquisitions. PyTorch's default Linear init would instead give a kernel about
+        # ten times an ordinary convolution's scale, all of it side-dependent.
         bound = 1.0 / math.sqrt(in_channels * kernel_size**3)
         with torch.no_grad():
             nn.init.uniform_(self.fmn.last.bias, -bound, bound)
-            nn.init.normal_(self.fmn.last.weight, std=0.1 * bound / math.sqrt(hidden[-1]))
+            nn.init.normal_(self.fmn.last.weight, std=bound / math.sqrt(hidden[-1]))
 
     def kernels(self, side: torch.Tensor) -> torch.Tensor:
         """Per-sample kernels ``(N, out, in, k, k, k)`` for side information ``(N, side_dim)``."""
