@@ -496,10 +496,11 @@ def ilsqr(
 
     What is implemented:
 
-    1. Weighted least squares ``min ||W (M ifft(D fft(M x)) - field)||`` by LSQR
-       (``atol = btol = tol``, at most ``max_iter`` iterations), chi supported in the
-       mask ``M``; ``W`` is 1 below the 60th and 0 above the 99.9th percentile of the
-       field's Laplacian magnitude (down-weights vessels, edges and phase errors).
+    1. Weighted least squares ``min ||W (ifft(D fft(x)) - field)||`` by LSQR
+       (``atol = btol = tol``, at most ``max_iter`` iterations) over the padded grid;
+       ``W`` is 0 outside the mask and, inside, 1 below the 60th and 0 above the 99.9th
+       percentile of the field's Laplacian magnitude (down-weights vessels, edges and
+       phase errors).
     2. A fast estimate for structure: ``sign(D) fft(field)``, blended towards its
        3 mm spherical mean where ``|D|`` is small (ramp in ``log |D|`` between its 1st
        and 30th percentiles), masked, and filtered twice.
@@ -535,7 +536,7 @@ def ilsqr(
     def conv(x: np.ndarray, k: np.ndarray) -> np.ndarray:
         return p.irfft(p.rfft(x) * k)
 
-    # Step 1: weighted LSQR, chi supported in the mask.
+    # Step 1: weighted LSQR over the padded grid (residuals count inside the mask only).
     lap = sum(
         ndimage.correlate1d(p.field, np.array([1, -2, 1], np.float32), axis=a, mode="wrap")
         / np.float32(v * v)
@@ -543,15 +544,20 @@ def ilsqr(
     )
     w = _ramp_weights(np.abs(lap.reshape(-1)[inside]), 60, 99.9)
     del lap
-    op = LinearOperator(
-        (inside.size, inside.size),
-        matvec=lambda x: w * conv(embed(x), d).reshape(-1)[inside],
-        rmatvec=lambda y: (tick(), conv(embed(w * y), d).reshape(-1)[inside])[1],
-        dtype=np.float64,
-    )
+
+    def a_data(x: np.ndarray) -> np.ndarray:
+        return (w * conv(x.reshape(p.shape).astype(np.float32), d).reshape(-1)[inside]).astype(
+            np.float64
+        )
+
+    def a_data_t(y: np.ndarray) -> np.ndarray:
+        tick()
+        return conv(embed(w * y), d).reshape(-1).astype(np.float64)
+
+    op = LinearOperator((inside.size, p.field.size), matvec=a_data, rmatvec=a_data_t, dtype=float)
     rhs = (w * p.field.reshape(-1)[inside]).astype(np.float64)
     sol = lsqr(op, rhs, atol=tol, btol=tol, iter_lim=max_iter)
-    x_lsqr = embed(sol[0])
+    x_lsqr = sol[0].reshape(p.shape).astype(np.float32)
     LOG.info("ilsqr: LSQR stopped after %d iterations (istop %d)", sol[2], sol[1])
 
     # Step 2: fast structural estimate for the gradient weights.
