@@ -123,3 +123,33 @@ def test_bundled_model_loads_and_is_documented():
         assert key in card, f"bundled model card lacks {key!r}"
     assert weights.BUNDLED_MODEL.stat().st_size < 35e6
     assert load_model(None).config == card["architecture"]["config"]
+
+
+def test_export_with_side_as_input(tmp_path, model):
+    from qsmprep.nn.export import export_model, load_exported
+
+    path = export_model(model, tmp_path / "m.pt2")
+    exported, meta = load_exported(path)
+    assert meta["config"] == model.config and meta["side"] is None
+    # Another batch size and spatial size than the export example, mixed side vectors.
+    torch.manual_seed(2)
+    x = torch.randn(3, 1, 12, 8, 16) * 0.03
+    side = torch.tensor([[1.0, 1, 1, 0, 0, 1], [0.7, 0.7, 2, 0.6, 0, 0.8], [1.0, 1, 1, 0, 0, 1]])
+    with torch.no_grad():
+        ref = model.eval()(x, side)
+        out = exported(x, side)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * ref.abs().max())
+
+
+def test_export_with_side_baked_in(tmp_path, model):
+    from qsmprep.nn.export import export_model, load_exported
+
+    side = [1.0, 1.0, 2.0, 0.2, -0.7, 0.6]
+    exported, meta = load_exported(export_model(model, tmp_path / "m.pt2", side=side))
+    assert meta["side"] == side
+    x = torch.randn(1, 1, 8, 8, 8) * 0.03
+    with torch.no_grad():
+        ref = model.eval()(x, torch.tensor(side))
+        assert torch.allclose(exported(x), ref, rtol=0, atol=1e-5 * ref.abs().max())
+    with pytest.raises(ValueError, match="6 finite numbers"):
+        export_model(model, tmp_path / "bad.pt2", side=[1.0, 1.0])
