@@ -365,19 +365,24 @@ def pdf(
     w2 = pad(w[box] * w[box], shape)
     fc = np.where(mc, f[box], np.float32(0))
 
+    outside_f = outside.astype(np.float32)
+
     def dipole(x: np.ndarray) -> np.ndarray:
-        return sfft.irfftn(sfft.rfftn(x) * d, s=shape)
+        spectrum = sfft.rfftn(x)
+        spectrum *= d
+        return sfft.irfftn(spectrum, s=shape)
 
     def normal(x: np.ndarray) -> np.ndarray:
-        """``P D M W^2 M D P x``: the normal-equation operator of the outside fit."""
-        y = dipole(np.where(outside, x, np.float32(0)))
+        """``P D M W^2 M D P x``, the normal-equation operator of the outside fit, for an
+        ``x`` that is already zero inside the mask (as every CG direction here is)."""
+        y = dipole(x)
         y *= w2
         y = dipole(y)
-        y[~outside] = 0
+        y *= outside_f
         return y
 
     rhs = dipole(w2 * pad(fc, shape))
-    rhs[~outside] = 0
+    rhs *= outside_f
     x = np.zeros(shape, dtype=np.float32)
     r = rhs
     p = r.copy()
@@ -747,17 +752,23 @@ def ismv(
     if not eroded.any():
         raise ValueError(f"mask too small for iSMV: no sphere of {radius:g} mm fits inside")
 
+    eroded_f = eroded.astype(np.float32)
+
     def smv(x: np.ndarray) -> np.ndarray:
-        return sfft.irfftn(sfft.rfftn(x) * s, s=shape)
+        spectrum = sfft.rfftn(x)
+        spectrum *= s
+        return sfft.irfftn(spectrum, s=shape)
 
     def operator(x: np.ndarray) -> np.ndarray:
-        y = x - smv(x)
-        y[~eroded] = 0
+        """``E (I - S) x`` (``= (I - E S E) x`` for the ``x`` here, all zero off ``E``)."""
+        y = smv(x)
+        np.subtract(x, y, out=y)
+        y *= eroded_f
         return y
 
     shell = np.where(m_pad & ~eroded, f_pad, np.float32(0))
     rhs = smv(shell)
-    rhs[~eroded] = 0
+    rhs *= eroded_f
     x = np.where(eroded, f_pad, np.float32(0))  # the iSMV start: the total field
     r = rhs - operator(x)
     norm0 = math.sqrt(_dot(r, r))
