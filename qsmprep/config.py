@@ -54,6 +54,8 @@ DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
         "input_type": "phase",  # wrapped phase per echo
         "mcpc3ds": True,  # phase-offset removal (MCPC-3D-S) before unwrapping
         "two_pass": False,  # two-pass masking/inversion
+        "r2star": "off",  # R2*/T2* maps: "off", "loglinear" or "arlo"
+        "swi": False,  # SWI and minIP
     }
 )
 
@@ -137,6 +139,8 @@ class WorkflowConfig:
     input_type: str = DEFAULT_OPTIONS["input_type"]
     mcpc3ds: bool = DEFAULT_OPTIONS["mcpc3ds"]
     two_pass: bool = DEFAULT_OPTIONS["two_pass"]
+    r2star: str = DEFAULT_OPTIONS["r2star"]
+    swi: bool = DEFAULT_OPTIONS["swi"]
     mask_file: Path | None = None
     mask_derivatives: Path | None = None
     device: str = "auto"
@@ -181,6 +185,11 @@ class Config:
         """Whether the masks come from the user (``mask_file`` or ``mask_derivatives``)."""
         return self.workflow.mask_file is not None or self.workflow.mask_derivatives is not None
 
+    @property
+    def r2star_method(self) -> str | None:
+        """The R2* fit to run, or ``None`` (``r2star = "off"``)."""
+        return None if self.workflow.r2star == "off" else self.workflow.r2star
+
     def _normalise(self) -> None:
         ex, res, wf = self.execution, self.resources, self.workflow
         ex.bids_dir = Path(ex.bids_dir).absolute()
@@ -217,7 +226,13 @@ class Config:
                 raise ConfigError(
                     f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
                 )
-        wf.mcpc3ds, wf.two_pass = bool(wf.mcpc3ds), bool(wf.two_pass)
+        wf.mcpc3ds, wf.two_pass, wf.swi = bool(wf.mcpc3ds), bool(wf.two_pass), bool(wf.swi)
+        from .interfaces.qsm import R2STAR_METHODS
+
+        if wf.r2star not in ("off", *R2STAR_METHODS):
+            raise ConfigError(
+                f"r2star must be one of off, {', '.join(R2STAR_METHODS)}, not {wf.r2star!r}"
+            )
         for name in ("mask_file", "mask_derivatives"):
             value = getattr(wf, name)
             if value is not None:
@@ -237,6 +252,8 @@ class Config:
                 input_type=wf.input_type,
                 two_pass=wf.two_pass,
                 user_mask=self.user_mask,
+                r2star=self.r2star_method,
+                swi=wf.swi,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -33,6 +33,7 @@ from ..config import (
     load_toml,
     method_choices,
 )
+from ..interfaces.qsm import R2STAR_METHODS
 from ..workflows.qsm import INPUT_TYPES
 
 logger = logging.getLogger("qsmprep")
@@ -138,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="two-pass masking and inversion against rim and strong-source streaks "
         f"(default: {_on_off(DEFAULT_OPTIONS['two_pass'])})",
+    )
+    g.add_argument(
+        "--r2star",
+        choices=("off", *R2STAR_METHODS),
+        help="also write R2* and T2* maps, by a log-linear fit or ARLO (3+ equally spaced "
+        f"echoes) (default: {DEFAULT_OPTIONS['r2star']})",
+    )
+    g.add_argument(
+        "--swi",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"also write SWI and minIP images (default: {_on_off(DEFAULT_OPTIONS['swi'])})",
     )
     g.add_argument(
         "--input-type",
@@ -353,6 +366,8 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
             mcpc3ds=wf_cfg.mcpc3ds,
             two_pass=wf_cfg.two_pass,
             masks=_masks(cfg, runs),
+            r2star=cfg.r2star_method,
+            swi=wf_cfg.swi,
             device=wf_cfg.device,
             model=wf_cfg.model,
             fallback_field_strength=ex.field_strength,

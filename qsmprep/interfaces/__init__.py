@@ -1,13 +1,27 @@
 """Thin nipype interfaces: load NIfTI, call :mod:`qsmprep.qsm` / :mod:`qsmprep.nn`, save NIfTI."""
 
 from .bids import DerivativesSink
-from .qsm import BackgroundRemoval, BrainMask, DipoleInversion, FieldMap, PrepareEchoes
+from .qsm import (
+    SWI,
+    BackgroundRemoval,
+    BrainMask,
+    DipoleInversion,
+    FieldMap,
+    PrepareEchoes,
+    PrepareFieldMap,
+    Relaxometry,
+    UserMask,
+)
 
 __all__ = [
+    "SWI",
     "BackgroundRemoval",
     "BrainMask",
     "DerivativesSink",
     "DipoleInversion",
     "FieldMap",
     "PrepareEchoes",
+    "PrepareFieldMap",
+    "Relaxometry",
+    "UserMask",
 ]

@@ -28,6 +28,10 @@ NONSTANDARD_PATTERNS = (
     "*_localfield.json",
     "*_quality.nii.gz",
     "*_quality.json",
+    "*_swi.nii.gz",
+    "*_swi.json",
+    "*_minIP.nii.gz",
+    "*_minIP.json",
 )
 
 

@@ -441,3 +441,91 @@ class DipoleInversion(SimpleInterface):
             chi = reference(chi, mask)
         self._results["chi_map"] = save_like(chi, img, os.path.join(runtime.cwd, "chi_ppm.nii.gz"))
         return runtime
+
+
+#: R2* fits by name (:mod:`qsmprep.qsm.relax`).
+R2STAR_METHODS = ("loglinear", "arlo")
+
+
+class _RelaxometryInputSpec(BaseInterfaceInputSpec):
+    in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    method = traits.Enum(*R2STAR_METHODS, mandatory=True, desc="R2* fit")
+
+
+class _RelaxometryOutputSpec(TraitedSpec):
+    r2star = File(exists=True, desc="R2* (1/s)")
+    t2star = File(exists=True, desc="T2* (s)")
+
+
+class Relaxometry(SimpleInterface):
+    """R2* (1/s) and T2* (s) maps from the magnitude decay over echo time, in the mask."""
+
+    input_spec = _RelaxometryInputSpec
+    output_spec = _RelaxometryOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.relax import r2star_arlo, r2star_loglinear, t2star_from_r2star
+
+        mag, img = load(self.inputs.in_mag)
+        mask = load_mask(self.inputs.mask)
+        fit = r2star_loglinear if self.inputs.method == "loglinear" else r2star_arlo
+        with stage(f"R2* fit ({self.inputs.method})", runtime.cwd):
+            r2s = fit(_as_4d(mag), self.inputs.echo_times, mask)
+        cwd = runtime.cwd
+        self._results["r2star"] = save_like(r2s, img, os.path.join(cwd, "r2star.nii.gz"))
+        self._results["t2star"] = save_like(
+            t2star_from_r2star(r2s, mask=mask), img, os.path.join(cwd, "t2star.nii.gz")
+        )
+        return runtime
+
+
+class _SWIInputSpec(BaseInterfaceInputSpec):
+    in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
+    total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="qsm.swi.swi parameters")
+
+
+class _SWIOutputSpec(TraitedSpec):
+    swi = File(exists=True, desc="susceptibility-weighted image")
+    minip = File(exists=True, desc="its minimum-intensity projection (slabs along k)")
+
+
+class SWI(SimpleInterface):
+    """Susceptibility-weighted image and its minIP.
+
+    The phase is the unwrapped total field at the last echo time, ``2 pi f TE_last``
+    (echo-combined, so less noisy than one echo's phase); the magnitude is the root sum
+    of squares over echoes. The minIP slides along the third voxel axis.
+    """
+
+    input_spec = _SWIInputSpec
+    output_spec = _SWIOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.masking import combine_magnitude
+        from ..qsm.swi import minip, swi
+
+        mag, img = load(self.inputs.in_mag)
+        field_hz = load(self.inputs.total_field)[0]
+        mask = load_mask(self.inputs.mask)
+        side = read_side_info(self.inputs.side_info)
+        phase = np.float32(2 * np.pi * max(self.inputs.echo_times)) * field_hz
+        with stage("SWI and minIP", runtime.cwd):
+            image = swi(
+                combine_magnitude(mag),
+                phase,
+                mask,
+                side.voxel_size,
+                unwrapped=True,
+                **self.inputs.params,
+            )
+            projection = minip(image, side.voxel_size)
+        cwd = runtime.cwd
+        self._results["swi"] = save_like(image, img, os.path.join(cwd, "swi.nii.gz"))
+        self._results["minip"] = save_like(projection, img, os.path.join(cwd, "minip.nii.gz"))
+        return runtime

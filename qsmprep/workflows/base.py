@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from nipype.pipeline import engine as pe
 from ..bids import MEGRERun, bids_uri, field_strength
 from ..interfaces.bids import DerivativesSink
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
+
+logger = logging.getLogger("qsmprep")
 
 #: Registry module of each stage.
 STAGE_MODULES = {
@@ -80,6 +83,8 @@ def init_participant_wf(
     mcpc3ds: bool = False,
     two_pass: bool = False,
     masks: Mapping[str, str] | None = None,
+    r2star: str | None = None,
+    swi: bool = False,
     device: str = "auto",
     model: Path | None = None,
     fallback_field_strength: float | None = None,
@@ -91,8 +96,10 @@ def init_participant_wf(
 
     ``runs`` come from :func:`qsmprep.bids.collect_runs` (or ``collect_fieldmap_runs``
     for ``input_type="fieldmap"``). ``masks`` maps each run's prefix to the user's mask
-    file (``None``: masks are computed). ``fallback_field_strength`` (T) is used for runs
-    whose sidecars lack ``MagneticFieldStrength``; without it such a run raises
+    file (``None``: masks are computed). ``r2star`` (a fit name) adds R2*/T2* maps to
+    the runs with two echoes or more; ``swi`` adds SWI and minIP.
+    ``fallback_field_strength`` (T) is used for runs whose sidecars lack
+    ``MagneticFieldStrength``; without it such a run raises
     :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
     """
@@ -119,6 +126,11 @@ def init_participant_wf(
     with_quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
     for run in runs:
         b0 = field_strength(run, fallback_field_strength)
+        run_r2star = r2star if len(run.echo_times) > 1 else None
+        if r2star and run_r2star is None:
+            logger.warning("%s: one echo, no R2*/T2* map", run.prefix)
+        if run_r2star == "arlo":
+            check_arlo(run)
         mem_gb = estimate_mem_gb(run.shape, max(1, len(run.echo_times)))
         if max_mem_gb is not None:
             mem_gb = min(mem_gb, max_mem_gb)
@@ -131,6 +143,8 @@ def init_participant_wf(
             mcpc3ds=mcpc3ds,
             two_pass=two_pass,
             user_mask=masks is not None,
+            r2star=run_r2star,
+            swi=swi,
             device=device,
             model=str(model) if model else None,
             omp_nthreads=omp_nthreads,
@@ -154,6 +168,10 @@ def init_participant_wf(
         outputs = _outputs(run, bids_dir, b0, records, applied)
         if with_quality:
             outputs.append(_quality_output(run, bids_dir, unwrapping))
+        if run_r2star:
+            outputs += _relaxometry_outputs(run, bids_dir, run_r2star)
+        if swi:
+            outputs += _swi_outputs(run, bids_dir)
         for field, out_name, meta, with_side in outputs:
             sink = pe.Node(
                 DerivativesSink(
@@ -169,6 +187,66 @@ def init_participant_wf(
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
     return wf
+
+
+def check_arlo(run: MEGRERun) -> None:
+    """ARLO needs three echoes or more, equally spaced (raise ``ValueError`` otherwise)."""
+    from ..qsm.relax import ARLO_SPACING_RTOL
+
+    spacing = np.diff(run.echo_times)
+    if len(run.echo_times) < 3 or not np.allclose(spacing, spacing[0], rtol=ARLO_SPACING_RTOL):
+        raise ValueError(
+            f"{run.prefix}: ARLO needs 3+ equally spaced echoes, the run has echo times "
+            f"{list(run.echo_times)}; use --r2star loglinear"
+        )
+
+
+def _relaxometry_outputs(run: MEGRERun, bids_dir: Path, method: str) -> list:
+    sources = [bids_uri(f, bids_dir) for f in run.mag_files]
+    fit = {
+        "loglinear": "weighted least-squares line through log(magnitude) over echo time",
+        "arlo": "auto-regression on linear operations (ARLO, Pei et al. 2015)",
+    }[method]
+    common = {"Sources": sources, "SkullStripped": True, "EchoTime": list(run.echo_times)}
+    r2 = {"Description": f"R2* map: {fit}", "Units": "1/s", **common}
+    t2 = {"Description": f"T2* map: 1/R2*, clipped; R2* by {fit}", "Units": "s", **common}
+    return [
+        ("r2star", f"{run.prefix}_R2starmap.nii.gz", r2, False),
+        ("t2star", f"{run.prefix}_T2starmap.nii.gz", t2, False),
+    ]
+
+
+def _swi_outputs(run: MEGRERun, bids_dir: Path) -> list:
+    from ..qsm import swi as swi_module
+
+    params = {
+        k: p.default
+        for k, p in inspect.signature(swi_module.swi).parameters.items()
+        if p.default is not inspect.Parameter.empty
+        and _json_scalar(p.default)
+        and k != "unwrapped"  # the pipeline passes the unwrapped total field
+    }
+    slab = inspect.signature(swi_module.minip).parameters["slab_mm"].default
+    sources = [bids_uri(f, bids_dir) for f in run.source_files]
+    swi_meta = {
+        "Description": "Susceptibility-weighted image: root-sum-of-squares magnitude times "
+        "the phase mask of the high-passed phase 2 pi f TE at the last echo time",
+        "Units": "arbitrary",
+        "Sources": sources,
+        "EchoTime": max(run.echo_times),
+        "Parameters": params,
+    }
+    minip_meta = {
+        "Description": "Minimum-intensity projection of the SWI over sliding slabs along "
+        "the third voxel axis",
+        "Units": "arbitrary",
+        "Sources": sources,
+        "SlabThickness": slab,
+    }
+    return [
+        ("swi", f"{run.prefix}_swi.nii.gz", swi_meta, False),
+        ("minip", f"{run.prefix}_minIP.nii.gz", minip_meta, False),
+    ]
 
 
 def _quality_output(run: MEGRERun, bids_dir: Path, unwrapping: str):

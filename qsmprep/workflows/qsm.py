@@ -6,12 +6,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.qsm import (
+    SWI,
     BackgroundRemoval,
     BrainMask,
     DipoleInversion,
     FieldMap,
     PrepareEchoes,
     PrepareFieldMap,
+    Relaxometry,
     UserMask,
 )
 
@@ -40,8 +42,12 @@ def check_methods(
     input_type: str = "phase",
     two_pass: bool = False,
     user_mask: bool = False,
+    r2star: str | None = None,
+    swi: bool = False,
 ) -> None:
     """Raise ``ValueError`` with a one-line reason for a combination that cannot run."""
+    if input_type == "fieldmap" and (r2star or swi):
+        raise ValueError("R2*/T2* and SWI need the echoes: not available from a field map")
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input type must be one of {', '.join(INPUT_TYPES)}, not {input_type!r}")
     unwraps = input_type == "phase"
@@ -67,6 +73,8 @@ def init_qsm_wf(
     mcpc3ds: bool = False,
     two_pass: bool = False,
     user_mask: bool = False,
+    r2star: str | None = None,
+    swi: bool = False,
     device: str = "auto",
     model: str | None = None,
     omp_nthreads: int = 1,
@@ -104,6 +112,12 @@ def init_qsm_wf(
         inverted first, the filled mask second, and the two are combined.
     user_mask : bool
         Take the mask from ``inputnode.mask_file`` instead of computing it.
+    r2star : str or None
+        Also fit R2* and T2* in the brain mask: ``"loglinear"`` or ``"arlo"`` (ARLO needs
+        three equally spaced echoes or more); ``None``: no relaxometry. Needs two echoes.
+    swi : bool
+        Also compute the susceptibility-weighted image and its minimum-intensity
+        projection (from the total field at the last echo time).
     device, model : str
         ``adaptive-unet`` only: ``auto``/``cpu``/``cuda`` and a weights file
         (``None``: the bundled model).
@@ -147,6 +161,10 @@ def init_qsm_wf(
         JSON with ``VoxelSize`` (mm) and ``B0Direction`` (unit vector, voxel axes).
     quality : str
         Voxel quality of the unwrapping in [0, 1] (``romeo`` only; otherwise undefined).
+    r2star, t2star : str
+        R2* (1/s) and T2* (s), with ``r2star``.
+    swi, minip : str
+        SWI and its minIP (the magnitude's scale), with ``swi``.
     """
     check_methods(
         unwrapping,
@@ -155,6 +173,8 @@ def init_qsm_wf(
         input_type=input_type,
         two_pass=two_pass,
         user_mask=user_mask,
+        r2star=r2star,
+        swi=swi,
     )
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -176,7 +196,18 @@ def init_qsm_wf(
     inputnode.inputs.fieldmap_units = "Hz"
     outputnode = pe.Node(
         niu.IdentityInterface(
-            fields=["chi_map", "mask", "total_field", "local_field", "side_info", "quality"]
+            fields=[
+                "chi_map",
+                "mask",
+                "total_field",
+                "local_field",
+                "side_info",
+                "quality",
+                "r2star",
+                "t2star",
+                "swi",
+                "minip",
+            ]
         ),
         name="outputnode",
     )
@@ -261,6 +292,28 @@ def init_qsm_wf(
                     (reliable, invert, [("out_mask", "reliable_mask")])])  # fmt: skip
         if uses_quality:
             wf.connect([(fieldmap, reliable, [("quality", "quality")])])
+
+    if r2star:
+        relax = pe.Node(Relaxometry(method=r2star), name="relaxometry", mem_gb=LIGHT_MEM_GB)
+        # fmt: off
+        wf.connect([
+            (prep, relax, [("out_mag", "in_mag")]),
+            (inputnode, relax, [("echo_times", "echo_times")]),
+            (brainmask, relax, [("out_mask", "mask")]),
+            (relax, outputnode, [("r2star", "r2star"), ("t2star", "t2star")]),
+        ])
+        # fmt: on
+    if swi:
+        swi_node = pe.Node(SWI(), name="swi", mem_gb=LIGHT_MEM_GB)
+        # fmt: off
+        wf.connect([
+            (prep, swi_node, [("out_mag", "in_mag"), ("side_info", "side_info")]),
+            (fieldmap, swi_node, [("total_field", "total_field")]),
+            (inputnode, swi_node, [("echo_times", "echo_times")]),
+            (brainmask, swi_node, [("out_mask", "mask")]),
+            (swi_node, outputnode, [("swi", "swi"), ("minip", "minip")]),
+        ])
+        # fmt: on
 
     # fmt: off
     wf.connect([
