@@ -267,8 +267,11 @@ def _setup_logging(verbose: int) -> None:
         {"logging": {"workflow_level": nipype_level, "interface_level": nipype_level}}
     )
     nlogging.update_logging(ncfg)
+    workflow_logger = logging.getLogger("nipype.workflow")
     if verbose == 0:
-        logging.getLogger("nipype.workflow").addFilter(_short_crash_report)
+        workflow_logger.addFilter(_short_crash_report)
+    else:
+        workflow_logger.removeFilter(_short_crash_report)
 
 
 def _short_crash_report(record: logging.LogRecord) -> bool:
