@@ -75,7 +75,8 @@ class _Problem:
         return sfft.rfftn(x)
 
     def irfft(self, x: np.ndarray) -> np.ndarray:
-        return sfft.irfftn(x, s=self.shape)
+        """Inverse of :meth:`rfft`; overwrites ``x`` (always a temporary here)."""
+        return sfft.irfftn(x, s=self.shape, overwrite_x=True)
 
     def result(self, x: np.ndarray) -> np.ndarray:
         """Crop the padded solution back to the input grid; zero outside the mask."""

@@ -1,0 +1,194 @@
+"""Benchmark dipole inversion on the simulated head: TKD, RTS, TV-ADMM, iLSQR side by side.
+
+    python benchmarks/bench_inversion.py [--preset 1mm|2mm|small] [--threads N]
+        [--b0-tilt-deg TX TY] [--noise PPM] [--methods tkd rts tv ilsqr] [--json FILE]
+
+Input is the phantom's true local field (``qsmprep.sim.simulate_fields``: the field of
+the sources inside the brain mask, ppm), optionally with Gaussian noise of ``--noise``
+ppm, inside the brain mask. Every method runs in its own subprocess with its default
+parameters and reports wall time and peak resident memory (``VmHWM``), also as the part
+above the resident memory once libraries and inputs are loaded ("extra"). Numba code is
+compiled (or loaded from its cache) by a warm-up call on a small grid first; the warm-up
+is reported separately.
+
+Accuracy against the true chi inside the brain mask, both maps demeaned
+(:mod:`qsmprep.qsm.metrics`): NRMSE and HFEN (%), XSIM, deep-grey-matter linearity
+``|1 - slope|`` over the nuclei, and the calcification streak metric.
+
+Prints a markdown table. Timings depend on the machine and its load; compare methods
+within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {"1mm": (1.0, 1.0, 1.0), "2mm": (2.0, 2.0, 2.0), "small": (4.0, 4.0, 4.0)}
+METHODS = ("tkd", "rts", "tv", "ilsqr")
+
+
+def _status_mb(key: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process, MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def simulate(preset: str, seed: int, tilt: tuple[float, float], noise: float) -> dict:
+    """The phantom's local field (ppm) and truth on the preset grid."""
+    from qsmprep.qsm.sideinfo import b0_direction
+    from qsmprep.sim import DEEP_GREY, make_head_phantom, simulate_fields, tilted_affine
+
+    phantom = make_head_phantom(PRESETS[preset], seed=seed)
+    b0 = b0_direction(tilted_affine(phantom.affine, phantom.shape, tilt))
+    _, local = simulate_fields(phantom, b0)
+    mask = phantom.brain_mask
+    if noise > 0:
+        local = local + noise * np.random.default_rng(seed).standard_normal(local.shape)
+    labels = np.zeros(phantom.shape, np.int16)
+    for i, name in enumerate(DEEP_GREY, start=1):
+        labels[phantom.roi(name) & mask] = i
+    return {
+        "local": np.where(mask, local, 0).astype(np.float32),
+        "chi": np.where(mask, phantom.chi, 0).astype(np.float32),
+        "mask": mask,
+        "dgm": labels,
+        "calc": phantom.roi("calcification") & mask,
+        "voxel_size": np.asarray(phantom.voxel_size),
+        "b0_dir": np.asarray(b0),
+    }
+
+
+def _worker(method: str, workdir: Path, threads: int) -> None:
+    """Invert the saved field with ``method``; save chi; print a JSON line of stats."""
+    import numba
+    import scipy.fft as sfft
+
+    from qsmprep.qsm.inversion import invert
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    local = np.load(workdir / "local.npy")
+    mask = np.load(workdir / "mask.npy")
+    vs = tuple(np.load(workdir / "voxel_size.npy"))
+    b0 = tuple(np.load(workdir / "b0_dir.npy"))
+    with sfft.set_workers(threads):
+        small = np.zeros((24, 24, 24), bool)
+        small[4:20, 4:20, 4:20] = True
+        noise = np.random.default_rng(0).standard_normal(small.shape).astype(np.float32)
+        t0 = time.perf_counter()
+        invert(noise, small, vs, b0, method)
+        warmup = time.perf_counter() - t0
+        base = _status_mb("VmRSS")
+        t0 = time.perf_counter()
+        chi = invert(local, mask, vs, b0, method)
+        wall = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    np.save(workdir / f"{method}_chi.npy", chi)
+    print(
+        json.dumps({"warmup_s": warmup, "wall_s": wall, "peak_mb": peak, "extra_mb": peak - base})
+    )
+
+
+def accuracy(chi: np.ndarray, data: dict) -> dict:
+    """NRMSE, HFEN, XSIM, DGM linearity and calcification streak of ``chi``."""
+    from qsmprep.qsm import metrics
+
+    truth, mask = data["chi"], data["mask"]
+    row = {
+        "nrmse": metrics.nrmse(chi, truth, mask),
+        "hfen": metrics.hfen(chi, truth, mask),
+        "xsim": metrics.xsim(chi, truth, mask),
+        "dgm": metrics.dgm_linearity(chi, truth, data["dgm"]),
+        "calc_streak": float("nan"),
+    }
+    if data["calc"].any():
+        row["calc_streak"] = metrics.calc_streak(chi, truth, data["calc"], mask)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="1mm")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--b0-tilt-deg", nargs=2, type=float, default=(0.0, 0.0))
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise (ppm) on the field")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(args.worker[0], Path(args.worker[1]), args.threads)
+        return 0
+
+    t0 = time.perf_counter()
+    data = simulate(args.preset, args.seed, tuple(args.b0_tilt_deg), args.noise)
+    sim_s = time.perf_counter() - t0
+    table = {}
+    with tempfile.TemporaryDirectory(prefix="bench_inversion_") as tmp:
+        workdir = Path(tmp)
+        for key in ("local", "mask", "voxel_size", "b0_dir"):
+            np.save(workdir / f"{key}.npy", data[key])
+        for method in args.methods:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                tmp,
+                "--threads",
+                str(args.threads),
+            ]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                print(run.stderr, file=sys.stderr)
+                raise SystemExit(f"{method} failed (exit {run.returncode})")
+            stats = json.loads(run.stdout.strip().splitlines()[-1])
+            stats.update(accuracy(np.load(workdir / f"{method}_chi.npy"), data))
+            table[method] = stats
+
+    mask = data["mask"]
+    shape = "x".join(str(n) for n in mask.shape)
+    vs = "x".join(f"{v:g}" for v in data["voxel_size"])
+    b0 = ", ".join(f"{v:.3f}" for v in data["b0_dir"])
+    print(
+        f"\nDipole inversion on the {args.preset} head phantom ({shape}, {vs} mm, B0 ({b0}), "
+        f"{int(mask.sum())} brain voxels, field noise {args.noise:g} ppm; simulated in "
+        f"{sim_s:.1f} s), {args.threads} thread(s), {os.cpu_count()} CPU(s)\n"
+    )
+    print(
+        "| method | wall (s) | warm-up (s) | peak RSS (MB) | extra (MB) | NRMSE (%) "
+        "| HFEN (%) | XSIM | DGM |1-slope| | calc streak |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for method, r in table.items():
+        print(
+            f"| {method} | {r['wall_s']:.2f} | {r['warmup_s']:.2f} | {r['peak_mb']:.0f} "
+            f"| {r['extra_mb']:.0f} | {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['xsim']:.3f} "
+            f"| {r['dgm']:.3f} | {r['calc_streak']:.3f} |"
+        )
+    if args.json:
+        meta = {
+            "preset": args.preset,
+            "shape": list(mask.shape),
+            "threads": args.threads,
+            "noise_ppm": args.noise,
+            "b0_dir": data["b0_dir"].tolist(),
+        }
+        args.json.write_text(json.dumps({"meta": meta, "methods": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
