@@ -20,32 +20,41 @@ def _analytic_sphere_field(coords, r, radius, chi, b):
     return np.where(r <= radius, 0.0, out)
 
 
-def test_kernel_properties():
-    d = dipole.dipole_kernel((16, 18, 20), (1, 1, 2), (0, 0, 1))
+@pytest.mark.parametrize("kind", dipole.KERNEL_KINDS)
+def test_kernel_properties(kind):
+    d = dipole.dipole_kernel((16, 18, 20), (1, 1, 2), (0, 0, 1), kind=kind)
     assert d.shape == (16, 18, 11)
     assert d[0, 0, 0] == 0
     assert d.max() <= 1 / 3 + 1e-6 and d.min() >= -2 / 3 - 1e-6
-    full = dipole.dipole_kernel((16, 18, 20), (1, 1, 2), (0, 0, 1), full=True)
+    full = dipole.dipole_kernel((16, 18, 20), (1, 1, 2), (0, 0, 1), full=True, kind=kind)
     np.testing.assert_allclose(full[:, :, :11], d)
+    # both kinds equal the continuous kernel at low frequency
+    cont = dipole.dipole_kernel((64, 64, 64), (1, 1, 1), (0.6, 0.8, 0), kind="kspace")
+    disc = dipole.dipole_kernel((64, 64, 64), (1, 1, 1), (0.6, 0.8, 0), kind="discrete")
+    np.testing.assert_allclose(disc[1:4, 1:4, 1:4], cont[1:4, 1:4, 1:4], atol=0.02)
 
 
-# Bounds: an oblique B0 is not aligned with the k-space cube, so the truncated kernel
-# rings more (a property of the standard k-space dipole, seen for a point source too).
+# Relative-error bounds in a shell outside the sphere. The continuous k-space kernel is
+# not aligned with an oblique B0 at the edge of k-space and rings (a property of the
+# standard kernel, seen for a point source too); the finite-difference kernel does not.
 @pytest.mark.parametrize(
-    "vs,b,rel_bound",
+    "vs,b,kind,rel_bound",
     [
-        ((1.0, 1.0, 1.0), (0, 0, 1), 0.03),
-        ((1.0, 1.0, 1.0), (0.3, -0.2, 0.93), 0.09),
-        ((0.8, 0.8, 1.6), (0, 0.5, 0.866), 0.13),
+        ((1.0, 1.0, 1.0), (0, 0, 1), "discrete", 0.03),
+        ((1.0, 1.0, 1.0), (0.3, -0.2, 0.93), "discrete", 0.03),
+        ((0.8, 0.8, 1.6), (0, 0.5, 0.866), "discrete", 0.05),
+        ((1.0, 1.0, 1.0), (0, 0, 1), "kspace", 0.03),
+        ((1.0, 1.0, 1.0), (0.3, -0.2, 0.93), "kspace", 0.09),
+        ((0.8, 0.8, 1.6), (0, 0.5, 0.866), "kspace", 0.13),
     ],
 )
-def test_sphere_field_matches_analytic(vs, b, rel_bound):
+def test_sphere_field_matches_analytic(vs, b, kind, rel_bound):
     b = np.asarray(b) / np.linalg.norm(b)
     shape = (96, 96, int(96 / (vs[2] / vs[0])))
     radius = 8.0
     r, coords = _sphere(shape, vs, radius)
     chi = (r <= radius).astype(np.float64)
-    field = dipole.forward_field(chi, vs, b, pad_factor=2.0)
+    field = dipole.forward_field(chi, vs, b, pad_factor=2.0, kind=kind)
     truth = _analytic_sphere_field(coords, r, radius, 1.0, b)
     # compare away from the sampled boundary, where discretisation dominates
     shell = (r > radius + 2) & (r < 3 * radius)
@@ -61,12 +70,38 @@ def test_sphere_field_matches_analytic(vs, b, rel_bound):
         assert np.linalg.norm(field[shell] - wrong[shell]) / np.linalg.norm(truth[shell]) > 0.3
 
 
+def test_discrete_kernel_field_is_harmonic_outside_sources():
+    # the grid Laplacian of the field vanishes wherever chi is locally constant
+    shape, vs, b = (48, 40, 36), (1.0, 1.2, 1.5), np.array([0.4, -0.3, 0.866])
+    r, _ = _sphere(shape, vs, 6.0)
+    chi = (r <= 6.0).astype(np.float64)
+    field = dipole.forward_field(chi, vs, b / np.linalg.norm(b), pad_factor=2.0)
+    lap = sum(
+        (np.roll(field, 1, a) + np.roll(field, -1, a) - 2 * field) / vs[a] ** 2 for a in range(3)
+    )
+    away = (r > 9) & (r < 15)
+    assert np.abs(lap[away]).max() < 1e-10
+    kspace = dipole.forward_field(chi, vs, b / np.linalg.norm(b), pad_factor=2.0, kind="kspace")
+    lap_k = sum(
+        (np.roll(kspace, 1, a) + np.roll(kspace, -1, a) - 2 * kspace) / vs[a] ** 2
+        for a in range(3)
+    )
+    assert np.abs(lap_k[away]).max() > 1e-3  # the continuous kernel is not
+
+
+def test_unknown_kernel_kind():
+    with pytest.raises(ValueError, match="kernel kind"):
+        dipole.dipole_kernel((8, 8, 8), (1, 1, 1), (0, 0, 1), kind="integrated")
+
+
 def test_kernel_is_hermitian_for_oblique_b0():
-    for shape in [(8, 10, 12), (9, 10, 11)]:
-        full = dipole.dipole_kernel(shape, (1, 1, 1.5), (0.6, 0.64, 0.48), full=True)
-        assert np.abs(np.fft.ifftn(full).imag).max() < 1e-6
-        half = dipole.dipole_kernel(shape, (1, 1, 1.5), (0.6, 0.64, 0.48))
-        np.testing.assert_allclose(full[:, :, : half.shape[2]], half)
+    for kind in dipole.KERNEL_KINDS:
+        for shape in [(8, 10, 12), (9, 10, 11)]:
+            args = (shape, (1, 1, 1.5), (0.6, 0.64, 0.48))
+            full = dipole.dipole_kernel(*args, full=True, kind=kind)
+            assert np.abs(np.fft.ifftn(full).imag).max() < 1e-6
+            half = dipole.dipole_kernel(*args, kind=kind)
+            np.testing.assert_allclose(full[:, :, : half.shape[2]], half)
 
 
 def test_padding_round_trip_and_fast_shape():

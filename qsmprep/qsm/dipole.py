@@ -3,7 +3,8 @@
 The unit dipole kernel is ``D(k) = 1/3 - (k.b)^2 / |k|^2`` with ``D(0) = 0``; ``k`` is in
 cycles/mm (voxel size aware) and ``b`` is the unit B0 direction in voxel axes. With
 this kernel the field perturbation (ppm) of a susceptibility map chi (ppm) is
-``ifft(D * fft(chi))``.
+``ifft(D * fft(chi))``. By default ``k`` is replaced by finite-difference symbols
+(``kind="discrete"``), which keeps oblique-B0 fields accurate; see :func:`dipole_kernel`.
 
 Kernels are built for the half spectrum of a real FFT (``scipy.fft.rfftn``) unless
 ``full=True``: all field and chi maps are real, and the half spectrum halves time and
@@ -69,33 +70,61 @@ def _zero_nyquist(k: np.ndarray, n: int, axis: int) -> np.ndarray:
     return out
 
 
+#: Dipole kernel kinds: see :func:`dipole_kernel`.
+KERNEL_KINDS = ("discrete", "kspace")
+
+
 def dipole_kernel(
     shape: Sequence[int],
     voxel_size: Sequence[float],
     b0_dir: Sequence[float],
     full: bool = False,
     dtype=np.float32,
+    kind: str = "discrete",
 ) -> np.ndarray:
-    """Unit dipole kernel ``1/3 - (k.b)^2/|k|^2`` on the (half) FFT grid of ``shape``.
+    """Unit dipole kernel on the (half) FFT grid of ``shape``.
 
     ``voxel_size`` in mm, ``b0_dir`` a unit vector in voxel axes (normalised here).
+
+    - ``kind="kspace"``: the continuous kernel ``1/3 - (k.b)^2/|k|^2`` sampled at the
+      DFT frequencies. With an oblique B0 it is discontinuous across the edge of k-space,
+      and its real-space response rings far from a source (about 10-20 % error against a
+      sphere's analytic field at 10-40 voxels; about 2 % when B0 is along a voxel axis).
+    - ``kind="discrete"`` (default): the same formula with every ``k_a`` replaced by the
+      symbol of a finite difference on the grid, ``s_a = sin(pi k_a h_a)/(pi h_a)`` in
+      ``|k|^2`` and ``(k.b)^2``'s squares and ``g_a = sin(2 pi k_a h_a)/(2 pi h_a)`` in its
+      cross terms. It is periodic in k, equals the continuous kernel at low frequency,
+      matches a sphere's analytic field as well for any B0 direction as ``kspace`` does
+      for an axial one, and fields of sources outside a region are exactly harmonic there
+      for the grid's Laplacian, which SMV background removal relies on.
     """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"unknown dipole kernel kind {kind!r}; choose from {KERNEL_KINDS}")
     b = np.asarray(b0_dir, dtype=float)
     b = b / np.linalg.norm(b)
-    ks = kspace_grid(shape, voxel_size, full=full, dtype=dtype)
-    k2 = sum(k * k for k in ks)
-    # On an even axis the Nyquist bin stands for both +k and -k: its cross terms with the
-    # other axes must average out, or the kernel is not Hermitian and an oblique B0 leaves
-    # a checkerboard error that does not decay with distance.
-    kc = [_zero_nyquist(k, n, axis) for axis, (k, n) in enumerate(zip(ks, shape, strict=True))]
-    kb = sum(k * dtype(bi) for k, bi in zip(kc, b, strict=True))  # the one full-size temporary
-    np.square(kb, out=kb)
-    kb += sum((k * k - c * c) * dtype(bi * bi) for k, c, bi in zip(ks, kc, b, strict=True))
+    ks = kspace_grid(shape, voxel_size, full=full, dtype=np.float64)
+    if kind == "kspace":
+        # On an even axis the Nyquist bin stands for both +k and -k: its cross terms must
+        # average out, or the kernel is not Hermitian.
+        sq = ks
+        cross = [_zero_nyquist(k, n, a) for a, (k, n) in enumerate(zip(ks, shape, strict=True))]
+    else:
+        sq = [np.sin(np.pi * k * h) / (np.pi * h) for k, h in zip(ks, voxel_size, strict=True)]
+        cross = [
+            np.sin(2 * np.pi * k * h) / (2 * np.pi * h)
+            for k, h in zip(ks, voxel_size, strict=True)
+        ]
+    # (g.b)^2 + sum_a b_a^2 (s_a^2 - g_a^2) = sum_a b_a^2 s_a^2 + sum_{a != c} b_a b_c g_a g_c
+    num = sum((g * bi).astype(dtype) for g, bi in zip(cross, b, strict=True))  # full size
+    np.square(num, out=num)
+    for s_a, g_a, bi in zip(sq, cross, b, strict=True):
+        num += ((s_a * s_a - g_a * g_a) * (bi * bi)).astype(dtype)
+    den = sum((s_a * s_a).astype(dtype) for s_a in sq)
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.divide(kb, k2, out=kb)
+        d = np.divide(num, den, out=num)
     np.subtract(dtype(1.0 / 3.0), d, out=d)
     d[0, 0, 0] = 0
-    return d.astype(dtype, copy=False)
+    return d
 
 
 def sphere_kernel(
@@ -130,12 +159,14 @@ def forward_field(
     voxel_size: Sequence[float],
     b0_dir: Sequence[float],
     pad_factor: float = DEFAULT_PAD_FACTOR,
+    kind: str = "discrete",
 ) -> np.ndarray:
     """Field perturbation (ppm) of susceptibility ``chi`` (ppm), zero padded by ``pad_factor``.
 
-    Float32 in, float32 out; float64 in, float64 out.
+    ``kind`` selects the dipole kernel (:func:`dipole_kernel`). Float32 in, float32 out;
+    float64 in, float64 out.
     """
     dtype = np.float64 if chi.dtype == np.float64 else np.float32
     shape = padded_shape(chi.shape, pad_factor)
-    d = dipole_kernel(shape, voxel_size, b0_dir, dtype=dtype)
+    d = dipole_kernel(shape, voxel_size, b0_dir, dtype=dtype, kind=kind)
     return crop(convolve(pad(chi.astype(dtype, copy=False), shape), d), chi.shape)
