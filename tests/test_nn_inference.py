@@ -123,7 +123,8 @@ def test_memory_budget_sets_the_tiling_and_logs_progress(caplog):
     mask = np.ones(field.shape, bool)
     per_voxel = inference.activation_bytes_per_voxel(m)
     weights = 2 * sum(p.numel() * 4 for p in m.parameters())
-    mem_gb = (weights + 32 * 32 * 24 * per_voxel) / 1e9
+    volume = 3 * 4 * field.size  # input, blended output and result, float32
+    mem_gb = (weights + volume + 32 * 32 * 24 * per_voxel) / 1e9
     with caplog.at_level(logging.INFO, logger="qsmprep"):
         chi = invert_adaptive_unet(field, mask, SIDE, m, device="cpu", mem_gb=mem_gb, overlap=8)
     found = re.search(r"(\d+) tile\(s\) of \((\d+), (\d+), (\d+)\)", caplog.text)

@@ -55,7 +55,8 @@ def export_model(
     mult = model.size_multiple
     if max_size < 2 * mult:
         raise ValueError(f"max_size must be at least {2 * mult}, got {max_size}")
-    net = prepare_model(model, torch.device("cpu"))
+    # Contiguous weights: the portable layout (and torch.export.save packs them whole).
+    net = prepare_model(model, torch.device("cpu")).to(memory_format=torch.contiguous_format)
     # Size 1 at the bottleneck is a special case for torch.export's symbolic shapes.
     dims = [Dim(f"k{ax}", min=2, max=max_size // mult) for ax in "xyz"]
     batch = Dim("batch", min=1, max=1024)

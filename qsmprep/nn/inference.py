@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "activation_bytes_per_voxel",
     "invert_adaptive_unet",
+    "plan_inference",
     "plan_tiles",
     "prepare_model",
     "resolve_device",
@@ -41,20 +42,22 @@ __all__ = [
 LOGGER = logging.getLogger("qsmprep")
 
 #: Memory budget (GB) when none is given: a 1 mm head (~180x220x180) runs as one tile.
-DEFAULT_MEM_GB = 6.0
+DEFAULT_MEM_GB = 4.0
 
 #: Minimum overlap (voxels) between neighbouring tiles.
 DEFAULT_OVERLAP = 32
 
 
 def activation_bytes_per_voxel(model: AdaptiveUNet3d) -> float:
-    """Peak inference memory per input voxel (bytes) for ``model``'s configuration.
+    """Peak inference memory per tile voxel (bytes) for ``model``'s configuration.
 
-    Fitted to the peak resident memory of float32 CPU inference (BN folded, in-place
-    ELU) at 64^3 to 160^3 with 8 and 16 base channels, rounded up: ``28*C + 64``.
-    Deeper levels add little (each has 1/8 of the voxels and twice the channels).
+    Measured peak resident memory of float32 CPU inference (batch norm folded,
+    channels-last, in-place ELU; torch 2.13, 2 threads) on the 1 mm head padded to
+    192x224x192: 352 and 167 bytes per voxel with 16 and 8 base channels. Deeper
+    levels add little (each has 1/8 of the voxels and twice the channels), so the
+    estimate scales with the base channels, rounded up: ``24*C + 32``.
     """
-    return 28.0 * model.config["base_channels"] + 64.0
+    return 24.0 * model.config["base_channels"] + 32.0
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -80,7 +83,7 @@ def prepare_model(model: AdaptiveUNet3d, device: torch.device) -> AdaptiveUNet3d
 
     Every ``Conv3d`` directly followed by a ``BatchNorm3d`` becomes one convolution
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``), the ELUs work in place. The caller's
-    model is not changed.
+    model is not changed. On CPU the weights are stored channels-last.
     """
     fused = copy.deepcopy(model).eval()
     for seq in fused.modules():
@@ -93,7 +96,12 @@ def prepare_model(model: AdaptiveUNet3d, device: torch.device) -> AdaptiveUNet3d
     for mod in fused.modules():
         if isinstance(mod, nn.ELU):
             mod.inplace = True
-    return fused.to(device)
+    return fused.to(device, memory_format=_memory_format(device))
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last on CPU: oneDNN's 3D convolutions run about 30 % faster on it."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
 def _axis_starts(n: int, length: int, overlap: int, multiple: int) -> list[int]:
@@ -201,15 +209,33 @@ def _torch_settings(device: torch.device, nthreads: int | None) -> Iterator[None
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _budget_bytes(mem_gb: float | None, device: torch.device, model: nn.Module) -> float:
+def plan_inference(
+    model: AdaptiveUNet3d,
+    shape: Sequence[int],
+    device: str | torch.device = "cpu",
+    mem_gb: float | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+) -> tuple[tuple[int, int, int], list[list[int]]]:
+    """The tiling :func:`invert_adaptive_unet` uses for a volume of ``shape``.
+
+    The budget (``mem_gb``, default :data:`DEFAULT_MEM_GB`; on CUDA at most 80 % of the
+    free GPU memory) pays for two copies of the weights and three float32 copies of the
+    padded volume (input, blended output, result); the rest bounds a tile's activations
+    (:func:`activation_bytes_per_voxel`). Returns ``(tile_shape, starts per axis)``.
+    """
     budget = (DEFAULT_MEM_GB if mem_gb is None else float(mem_gb)) * 1e9
     if not budget > 0:
         raise ValueError(f"mem_gb must be positive, got {mem_gb}")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
         budget = min(budget, 0.8 * free)
+    m = model.size_multiple
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return budget - 2 * weights
+    volume = math.prod(math.ceil(n / m) * m for n in shape) * 4
+    budget -= 2 * weights + 3 * volume
+    max_voxels = max(0, int(budget // activation_bytes_per_voxel(model)))
+    return plan_tiles(shape, max_voxels, overlap, m)
 
 
 def invert_adaptive_unet(
@@ -261,10 +287,8 @@ def invert_adaptive_unet(
         )
 
     m = model.size_multiple
-    budget = _budget_bytes(mem_gb, dev, model)
-    max_voxels = int(budget // activation_bytes_per_voxel(model))
     if tile_shape is None:
-        tshape, starts = plan_tiles(field.shape, max_voxels, overlap, m)
+        tshape, starts = plan_inference(model, field.shape, dev, mem_gb, overlap)
     else:
         if len(tile_shape) != 3 or any(t < m or t % m for t in tile_shape):
             raise ValueError(f"tile_shape must be 3 positive multiples of {m}, got {tile_shape}")
@@ -308,7 +332,8 @@ def _blend_tiles(
     n_tiles = math.prod(len(s) for s in starts)
     for i, idx in enumerate(itertools.product(*(range(len(s)) for s in starts))):
         sl = tuple(slice(starts[ax][j], starts[ax][j] + tshape[ax]) for ax, j in enumerate(idx))
-        x = torch.from_numpy(np.ascontiguousarray(vol[sl]))[None, None].to(dev)
+        x = torch.from_numpy(np.ascontiguousarray(vol[sl]))[None, None]
+        x = x.to(dev).contiguous(memory_format=_memory_format(dev))
         y = net(x, side)[0, 0].float().cpu().numpy()
         w = (
             ramps[0][idx[0]][:, None, None]
