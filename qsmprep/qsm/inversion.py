@@ -23,6 +23,7 @@ mask (Stewart et al. 2022).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ LOG = logging.getLogger("qsmprep")
 Progress = Callable[[int, int], None]
 
 #: Zero padding of the mask's bounding box. The field is cropped to the box first, so
-#: 1.25 leaves a margin of 1/8 of the box on each side; on the test phantoms NRMSE
-#: changes by < 1 % between 1.25 and 2, while the FFTs are 1.7x cheaper than at 1.5.
+#: 1.25 leaves a margin of 1/8 of the box on each side. Every method's NRMSE is within
+#: 1 percentage point of its value at 2 (test phantom and 2 mm head, oblique B0), on
+#: 1.7x fewer voxels than a padding of 1.5.
 PAD_FACTOR = 1.25
 
 
@@ -619,6 +621,10 @@ def invert(
         raise ValueError(
             f"unknown inversion method {method!r}; choose from {sorted(METHODS)}"
         ) from None
+    try:
+        inspect.signature(fn).bind(local_ppm, mask, voxel_size, b0_dir, **params)
+    except TypeError as err:
+        raise ValueError(f"inversion method {method!r}: {err}") from None
     return fn(local_ppm, mask, voxel_size, b0_dir, **params)
 
 
