@@ -1,12 +1,12 @@
 """Tiled, memory-bounded inference of the adaptive U-Net: local field (ppm) -> chi (ppm).
 
-The volume is zero-padded to multiples of ``2**(depth-1)`` and cut into the fewest,
-smallest overlapping tiles whose activations fit the memory budget (the whole volume
-when it fits). Tile outputs are blended with a separable raised-cosine ramp over each
-overlap; the ramps of two neighbours sum to one, so the blend is a partition of unity.
-Batch norm in eval mode is folded into the preceding convolution, so every tile sees
-the same per-voxel arithmetic as a whole-volume pass; tiles differ from it only through
-the missing context beyond their borders.
+The volume is zero-padded to multiples of ``2**(depth-1)`` and cut into the overlapping
+tiles that fit the memory budget with the least computation (the whole volume when it
+fits). Tiles start on the whole volume's pooling grid and batch norm in eval mode acts
+voxel by voxel (it is folded into the preceding convolution), so a tile computes what a
+whole-volume pass computes except within the network's reach of the tile's border.
+Over each overlap the tile near its own border is ignored for the outer quarter, then a
+raised-cosine ramp hands over to its neighbour; the weights of neighbours sum to one.
 """
 
 from __future__ import annotations
