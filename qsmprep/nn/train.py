@@ -46,7 +46,16 @@ WEIGHTS = "model.pt"
 #: TrainConfig fields that may change when a run is resumed (they do not alter the result
 #: of the steps already taken, or only extend the run).
 RESUMABLE_CHANGES = frozenset(
-    {"out_dir", "steps", "val_every", "checkpoint_every", "log_every", "device", "threads"}
+    {
+        "out_dir",
+        "steps",
+        "val_every",
+        "checkpoint_every",
+        "log_every",
+        "device",
+        "threads",
+        "workers",
+    }
 )
 
 
@@ -71,6 +80,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    #: Data-generation processes (0: in the training process); the batches do not change.
+    workers: int = 0
     val_every: int = 500
     val_pairs: int = 16
     checkpoint_every: int = 100
@@ -88,8 +99,8 @@ class TrainConfig:
             raise ValueError(f"depth must be >= 2, got {self.depth}")
         if not (self.lr > 0 and 0 <= self.min_lr < self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr < lr, got {self.lr}, {self.min_lr}")
-        if self.dc_weight < 0 or self.weight_decay < 0 or self.val_pairs < 0:
-            raise ValueError("dc_weight, weight_decay and val_pairs must be >= 0")
+        if min(self.dc_weight, self.weight_decay, self.val_pairs, self.workers) < 0:
+            raise ValueError("dc_weight, weight_decay, val_pairs and workers must be >= 0")
         m = 2 ** (self.depth - 1)
         if any(n % m for n in self.synth.patch_size):
             raise ValueError(
@@ -118,6 +129,8 @@ class TrainResult:
     step: int
     elapsed_s: float
     validation: dict
+    #: The same validation scored for a classical inversion (TKD), as a yardstick.
+    reference: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- physics
@@ -224,6 +237,23 @@ def evaluate(
     if n == 0:
         return {}
     return {"chi_l1": l1 / n, "nrmse": float(np.mean(nrmse)), "n_pairs": n}
+
+
+def classical_reference(
+    batches: Iterable[dict[str, torch.Tensor]], method: str = "tkd"
+) -> dict[str, float]:
+    """Mean NRMSE (%) of a classical inversion on the same pairs: a yardstick for ``evaluate``."""
+    from qsmprep.qsm.inversion import invert
+
+    scores = []
+    for b in batches:
+        for i in range(b["field"].shape[0]):
+            side = b["side"][i].double().numpy()
+            chi = invert(b["field"][i, 0].numpy(), b["mask"][i, 0].numpy(), side[:3], side[3:],
+                         method)  # fmt: skip
+            t = torch.from_numpy(chi)[None, None]
+            scores.append(float(batch_nrmse(t, b["chi"][i : i + 1], b["mask"][i : i + 1])[0]))
+    return {"method": method, "nrmse": float(np.mean(scores))} if scores else {}
 
 
 # ------------------------------------------------------------------------------ setup
@@ -394,6 +424,9 @@ def pretrain(
         batch_size=cfg.batch_size,
     )
     val_batches = list(val_ds) if cfg.val_pairs else []
+    val_reference = classical_reference(val_batches)
+    if val_reference:
+        log.info("validation pairs: TKD NRMSE %.1f %%", val_reference["nrmse"])
     train_ds = SyntheticQSMDataset(
         cfg.synth, "train", cfg.seed, start=step * cfg.batch_size, batch_size=cfg.batch_size
     )
@@ -401,7 +434,11 @@ def pretrain(
     bar = progress_bar(cfg.steps, step, progress)
     model.train()
     done_here = 0
-    batches = iter(train_ds)
+    train_ds.warm_up()  # build the phantom pool once, before any worker is forked
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+    )
+    batches = iter(loader)
     t_start = t0 = time.perf_counter()
 
     def keep_going() -> bool:
@@ -479,12 +516,12 @@ def pretrain(
             "validation": f"split 'val', seed {cfg.seed}, {cfg.val_pairs} pairs",
         },
         "hardware": hardware_description(device),
-        "metrics": {"validation": last_val},
+        "metrics": {"validation": last_val, "validation_tkd_reference": val_reference},
     }
     weights = out / WEIGHTS
     sha = save_model(model.cpu(), weights, card, dtype=weights_dtype)
     log.info("wrote %s (sha256 %s)", weights, sha)
-    return TrainResult(weights, sha, step, elapsed, last_val)
+    return TrainResult(weights, sha, step, elapsed, last_val, val_reference)
 
 
 class _GracefulStop:
