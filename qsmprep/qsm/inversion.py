@@ -1,8 +1,9 @@
 """Dipole inversion: local field (ppm) to magnetic susceptibility chi (ppm).
 
 Every method solves ``field = ifft(D * fft(chi))`` for ``chi`` inside a brain mask,
-with ``D = 1/3 - (k.b)^2/|k|^2`` (:func:`qsmprep.qsm.dipole.dipole_kernel`) built
-from the run's voxel size (mm) and B0 direction (unit vector in voxel axes).
+with the project's dipole kernel ``D`` (:func:`qsmprep.qsm.dipole.dipole_kernel`, by
+default the finite-difference form of ``1/3 - (k.b)^2/|k|^2``) built from the run's
+voxel size (mm) and B0 direction (unit vector in voxel axes).
 
 Shared steps: the field is zeroed outside the mask, cropped to the mask's bounding
 box, zero padded to :func:`~qsmprep.qsm.dipole.padded_shape` (``next_fast_len``
@@ -397,7 +398,9 @@ def rts(
     """Rapid two-step inversion (Kames, Wiggermann & Rauscher, NeuroImage 2018).
 
     Step 1 (well-conditioned frequencies): ``lsmr_iter`` LSMR iterations on
-    ``D X = fft(field)``; the early stop is the regularisation. The result is masked.
+    ``D X = fft(field)``; the early stop is the regularisation. The system is diagonal,
+    so LSMR acts as a filter ``g(D)`` computed from the field's spectrum without further
+    FFTs (:func:`_lsmr_filter`). The result is masked.
     Step 2 (ill-conditioned frequencies): ADMM on
     ``mu/2 ||M (fft(x) - X_1)||^2 + ||grad x||_1`` with ``M = |D| > delta``: the
     well-conditioned spectrum is kept and total variation fills the cone. Stops after
@@ -459,9 +462,10 @@ def tv(
     so an iteration costs two real FFTs. Stops after ``max_iter`` iterations or when the
     relative change of ``x`` drops below ``tol``. ``rho`` defaults to ``100 * lam``.
 
-    Defaults: ``lam = 5e-4`` lies in the usual 2e-4 to 1e-3 range; ``tol = 3e-3`` ends
-    within 0.5 % NRMSE of the converged map on the test phantom in about 60 % of the
-    iterations that ``1e-3`` needs.
+    Defaults: ``lam = 5e-4`` lies in the usual 2e-4 to 1e-3 range. ``tol = 3e-3``: on
+    the noise-free 1 mm head phantom NRMSE is the same as with ``1e-3`` (42.0 %) after 28
+    instead of 50 iterations; on the small test phantom it is 1.5 points above the
+    converged value.
 
     ``local`` in ppm, ``voxel_size`` in mm (gradients in 1/mm, so ``lam`` is in
     ppm * mm), ``b0_dir`` in voxel axes; returns chi (ppm), zero outside ``mask``.
@@ -526,10 +530,10 @@ def ilsqr(
     inside = np.flatnonzero(p.mask)
     calls = {"n": 0}
 
-    def tick() -> None:
+    def tick() -> None:  # one adjoint product per LSQR/LSMR iteration (and one to start)
         calls["n"] += 1
         if progress is not None:
-            progress(calls["n"], 2 * max_iter)
+            progress(min(calls["n"], 2 * max_iter), 2 * max_iter)
 
     def embed(values: np.ndarray) -> np.ndarray:
         out = np.zeros(p.shape, np.float32)
