@@ -134,6 +134,8 @@ def test_resume_continues_from_the_saved_step_and_reproduces_the_run(tmp_path):
     assert pretrain(cfg_b, progress=False, stop_after=2) is None  # interrupted
     ck = load_checkpoint(tmp_path / "b" / CHECKPOINT)
     assert ck["step"] == 2 and "optimizer" in ck and "scheduler" in ck and "rng" in ck
+    with open(tmp_path / "b" / HISTORY, "a") as f:  # as if killed after a later log line
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     resumed = pretrain(replace(cfg_b, workers=0), progress=False)
     hist_b = [json.loads(x) for x in (tmp_path / "b" / HISTORY).read_text().splitlines()]
     assert [r["step"] for r in hist_b] == [1, 2, 3, 4]  # no step repeated or skipped

@@ -448,7 +448,9 @@ def pretrain(
             return False
         return not stop.requested
 
-    with open(out / HISTORY, "a") as hist_file, _GracefulStop() as stop:
+    # Rewritten from the checkpoint: lines of steps after it (a hard kill) would repeat.
+    with open(out / HISTORY, "w") as hist_file, _GracefulStop() as stop:
+        hist_file.writelines(json.dumps(rec) + "\n" for rec in history)
         while step < cfg.steps and keep_going():
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             opt.zero_grad(set_to_none=True)
