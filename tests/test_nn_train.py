@@ -158,7 +158,7 @@ def test_bad_settings_are_rejected(tmp_path):
         tiny_config(tmp_path, depth=6)
     with pytest.raises(ValueError, match="steps"):
         tiny_config(tmp_path, steps=0)
-    with pytest.raises(ValueError, match="CUDA is not available|device"):
+    with pytest.raises(ValueError, match="device"):
         pretrain(tiny_config(tmp_path, device="tpu"), progress=False)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qsmprep.nn.inference import resolve_device
 from qsmprep.nn.synth import SynthConfig, SyntheticQSMDataset
 from qsmprep.nn.unet import AdaptiveUNet3d
 from qsmprep.nn.weights import save_model
@@ -257,19 +258,6 @@ def classical_reference(
 
 
 # ------------------------------------------------------------------------------ setup
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def build_model(cfg: TrainConfig) -> AdaptiveUNet3d:

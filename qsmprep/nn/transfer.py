@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qsmprep.nn.inference import resolve_device
 from qsmprep.nn.train import (
     TrainResult,
     compute_loss,
     evaluate,
     hardware_description,
     progress_bar,
-    resolve_device,
 )
 from qsmprep.nn.unet import AdaptiveUNet3d
 from qsmprep.nn.weights import BUNDLED_MODEL, file_sha256, load_card, load_model, save_model
