@@ -168,6 +168,7 @@ def test_head_patches_come_from_the_split_s_own_phantoms():
         pool_size=1,
         head_voxel_size=(2.0, 2.0, 2.0),
         noise_range=(0.0, 0.0),
+        head_context=1.0,
     )
     ds = SyntheticQSMDataset(cfg, split="test", seed=0)  # one 1 mm phantom build (~5 s)
     for i in range(4):
@@ -181,3 +182,31 @@ def test_head_patches_come_from_the_split_s_own_phantoms():
         assert 0.002 < np.median(np.abs(p.chi[p.mask])) < 0.2
         want = simulate_local_field(p.chi, p.mask, p.voxel_size, p.b0_dir, cfg.pad_factor)
         np.testing.assert_allclose(p.field, want, atol=1e-7)
+
+
+def test_head_context_adds_the_field_of_the_surrounding_brain():
+    cfg = SynthConfig(
+        patch_size=(32, 32, 32),
+        head_prob=1.0,
+        pool_size=1,
+        head_voxel_size=(2.0, 2.0, 2.0),
+        noise_range=(0.0, 0.0),
+        head_context=1.5,
+    )
+    p = SyntheticQSMDataset(cfg, split="test", seed=0).pair(0)
+    own = simulate_local_field(p.chi, p.mask, p.voxel_size, p.b0_dir, cfg.pad_factor)
+    outside = p.field - own  # the field of the brain around the patch
+    assert np.abs(outside[p.mask]).mean() > 0.05 * np.abs(p.field[p.mask]).mean()
+    # its sources are all outside the patch: with the discrete dipole kernel it is harmonic
+    # for the grid Laplacian wherever a voxel and its six neighbours are in the mask
+    inner = p.mask.copy()
+    for a in range(3):
+        inner &= np.roll(p.mask, 1, a) & np.roll(p.mask, -1, a)
+    inner[[0, -1], :, :] = inner[:, [0, -1], :] = inner[:, :, [0, -1]] = False
+    vs = p.voxel_size
+    lap = sum(
+        (np.roll(outside, 1, a) + np.roll(outside, -1, a) - 2 * outside) / vs[a] ** 2
+        for a in range(3)
+    )
+    scale = np.abs(outside[inner]).max() / min(vs) ** 2
+    assert np.abs(lap[inner]).max() < 1e-3 * scale

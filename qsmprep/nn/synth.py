@@ -14,11 +14,13 @@ anisotropic) and B0 direction (unit vector in voxel axes), so that the side info
   sigmoid on its normalised range, as in QSMInvNet), a random susceptibility scale and,
   sometimes, added strong sources.
 
-The field is simulated on the patch grid with the pair's own dipole kernel
+The field is simulated with the pair's own dipole kernel
 (:func:`qsmprep.qsm.dipole.forward_field`, zero padded by ``pad_factor`` against wrap-around)
-from ``chi * mask`` only: the local field is the field of the sources inside the patch's
-mask, the same definition that background removal aims at. Sources outside the patch or
-the mask contribute nothing. Gaussian noise (a random fraction of the field's standard
+from ``chi * mask`` only: the local field is the field of the sources inside the mask, the
+same definition that background removal aims at. Head patches are simulated on a region
+``head_context`` times the patch and cut from its centre, so the brain around the patch
+contributes its field as in a whole-brain local field; random-shape patches hold all
+their sources. Gaussian noise (a random fraction of the field's standard
 deviation in the mask) is added inside the mask; field and chi are zero outside it.
 
 Pairs are deterministic functions of ``(split, seed, index)``; the splits use disjoint
@@ -73,6 +75,10 @@ class SynthConfig:
     noise_range: tuple[float, float] = (0.0, 0.1)
     #: Zero-padding factor of the field simulation.
     pad_factor: float = DEFAULT_PAD_FACTOR
+    #: Head patches: the field is simulated on a region this many times the patch (per
+    #: axis) and the patch cut from its centre, so that brain just outside the patch adds
+    #: its field as it does in a whole-brain local field (1: the patch's sources only).
+    head_context: float = 1.5
 
     def __post_init__(self) -> None:
         if len(self.patch_size) != 3 or min(self.patch_size) < 8:
@@ -87,6 +93,8 @@ class SynthConfig:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
         if self.head_prob > 0 and self.pool_size < 1:
             raise ValueError("pool_size must be >= 1 when head patches are drawn")
+        if self.head_context < 1:
+            raise ValueError(f"head_context must be >= 1, got {self.head_context}")
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (for model cards and checkpoints)."""
@@ -409,9 +417,14 @@ def make_pair(config: SynthConfig, rng: np.random.Generator, split: str = "train
         kind = "head"
         pseed = SPLIT_PHANTOM_SEEDS[split] + int(rng.integers(config.pool_size))
         head = _head_volume(pseed, tuple(float(v) for v in config.head_voxel_size))
+        region = tuple(int(round(n * config.head_context)) for n in config.patch_size)
+        crop = tuple(
+            slice((r - n) // 2, (r - n) // 2 + n)
+            for r, n in zip(region, config.patch_size, strict=True)
+        )
         for _ in range(10):  # keep patches with a usable amount of brain
-            chi, mask = head_patch_chi(head, config.patch_size, vs, rng, config.warp_mm)
-            if mask.mean() > 0.1:
+            chi, mask = head_patch_chi(head, region, vs, rng, config.warp_mm)
+            if mask[crop].mean() > 0.1:
                 break
         chi = _contrast_change(chi, mask, rng)
         if rng.random() < 0.3:
@@ -420,10 +433,12 @@ def make_pair(config: SynthConfig, rng: np.random.Generator, split: str = "train
     else:
         kind = "shapes"
         chi, mask = random_shapes_chi(config.patch_size, vs, rng)
+        crop = (slice(None),) * 3
     lo, hi = np.log(config.chi_scale_range[0]), np.log(config.chi_scale_range[1])
     scale = float(np.exp(rng.uniform(lo, hi)))
     chi = (chi * np.float32(scale)).astype(np.float32)
     local = simulate_local_field(chi, mask, vs, b0, config.pad_factor)
+    chi, mask, local = (np.ascontiguousarray(a[crop]) for a in (chi, mask, local))
     noise_frac = float(rng.uniform(*config.noise_range))
     if mask.any() and noise_frac > 0:
         sigma = noise_frac * float(local[mask].std())
