@@ -86,10 +86,15 @@ def ppm_to_hz(field_ppm: np.ndarray, b0_tesla: float) -> np.ndarray:
     return field_ppm * (GAMMA_BAR_MHZ_PER_T * b0_tesla)
 
 
-def _echo_arrays(
+def echo_arrays(
     phase: np.ndarray, mag: np.ndarray | None, echo_times: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Validate and return phase / magnitude as float32 ``(X, Y, Z, E)`` and TEs (s)."""
+    """Validate multi-echo inputs; return phase, magnitude as float32 ``(X, Y, Z, E)`` and TEs.
+
+    A 3D ``phase`` / ``mag`` is one echo. ``echo_times`` (s) must match the echo count and
+    be finite, positive and distinct, and ``mag`` (or None) the phase's shape; anything
+    else is a ValueError. TEs come back as a float64 1D array.
+    """
     ph = np.asarray(phase, dtype=np.float32)
     if ph.ndim == 3:
         ph = ph[..., None]
@@ -141,7 +146,7 @@ def fit_field(
     equally, as do voxels whose magnitude is zero in every echo. Returns float32 Hz
     ``(X, Y, Z)``, 0 outside ``mask``.
     """
-    ph, mg, tes = _echo_arrays(unwrapped, mag, echo_times)
+    ph, mg, tes = echo_arrays(unwrapped, mag, echo_times)
     if with_offset and tes.size < 2:
         raise ValueError("fitting a phase offset needs at least two echoes")
     if mask is not None:
@@ -180,7 +185,7 @@ def mcpc3ds(
     ``echo_times`` in s, ``voxel_size`` in mm. Returns wrapped float32 phase (rad) in
     [-pi, pi) of the same shape.
     """
-    ph, mg, tes = _echo_arrays(phase, mag, echo_times)
+    ph, mg, tes = echo_arrays(phase, mag, echo_times)
     if ph.shape[-1] < 2:
         raise ValueError("MCPC-3D-S needs at least two echoes")
     vs = np.asarray(voxel_size, dtype=float).ravel()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 
-from .phase import wrap
+from .phase import echo_arrays, wrap
 from .romeo import romeo_unwrap
 
 _TWO_PI = np.float32(2 * np.pi)
@@ -158,23 +158,7 @@ def unwrap_echoes(
     """
     if method not in METHODS:
         raise ValueError(f"unknown unwrapping method {method!r}; choose from {sorted(METHODS)}")
-    ph = np.asarray(phase, dtype=np.float32)
-    if ph.ndim == 3:
-        ph = ph[..., None]
-    if ph.ndim != 4:
-        raise ValueError(f"phase must be (X, Y, Z) or (X, Y, Z, E), got shape {ph.shape}")
-    tes = np.asarray(echo_times, dtype=float).ravel()
-    if tes.size != ph.shape[-1]:
-        raise ValueError(f"{tes.size} echo times for {ph.shape[-1]} echoes")
-    if np.any(~np.isfinite(tes)) or np.any(tes <= 0) or len(np.unique(tes)) != tes.size:
-        raise ValueError(f"echo times must be positive and distinct (s), got {tes.tolist()}")
-    mg = None
-    if mag is not None:
-        mg = np.asarray(mag, dtype=np.float32)
-        if mg.ndim == 3:
-            mg = mg[..., None]
-        if mg.shape != ph.shape:
-            raise ValueError(f"mag shape {np.shape(mag)} does not match phase {ph.shape}")
+    ph, mg, tes = echo_arrays(phase, mag, echo_times)
     if mask is None:
         m = np.ones(ph.shape[:3], dtype=bool)
     else:
