@@ -32,38 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import PRESETS, grid_text, head_fields, run_worker, timed, warmup_volume
 
-PRESETS = {
-    "1mm": (1.0, 1.0, 1.0),
-    "2mm": (2.0, 2.0, 2.0),
-    "small": (4.0, 4.0, 4.0),
-}
 METHODS = ("vsharp", "pdf", "lbv", "ismv")
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _simulate(preset: str, seed: int, tilt: tuple[float, float]) -> dict:
-    from qsmprep.qsm.sideinfo import b0_direction
-    from qsmprep.sim import make_head_phantom, simulate_fields, tilted_affine
-
-    phantom = make_head_phantom(PRESETS[preset], seed=seed)
-    b0 = b0_direction(tilted_affine(phantom.affine, phantom.shape, tilt))
-    total, local = simulate_fields(phantom, b0)
+    phantom, b0, total, local = head_fields(preset, seed, tilt)
     mask = phantom.brain_mask
     return {
         "total": np.where(mask, total, 0).astype(np.float32),
@@ -76,33 +56,21 @@ def _simulate(preset: str, seed: int, tilt: tuple[float, float]) -> dict:
 
 def _worker(method: str, workdir: Path, threads: int) -> None:
     """Run ``method`` on the saved inputs; save its output; print a JSON line."""
-    import numba
-    import scipy.fft as sfft
-
     from qsmprep.qsm.bgremove import remove_background
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     total = np.load(workdir / "total.npy")
     mask = np.load(workdir / "mask.npy")
     vs = tuple(np.load(workdir / "voxel_size.npy"))
     b0 = tuple(np.load(workdir / "b0_dir.npy"))
-    with sfft.set_workers(threads):
-        small = np.zeros((32, 32, 32), bool)
-        small[4:28, 4:28, 4:28] = True
-        noise = np.random.default_rng(0).standard_normal(small.shape).astype(np.float32)
-        t0 = time.perf_counter()
-        remove_background(noise, small, vs, method, b0_dir=b0)
-        warmup = time.perf_counter() - t0
-        base = _status_mb("VmRSS")
-        t0 = time.perf_counter()
-        local, used = remove_background(total, mask, vs, method, b0_dir=b0)
-        wall = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
+    noise, small = warmup_volume(32)
+    (local, used), stats = timed(
+        lambda: remove_background(total, mask, vs, method, b0_dir=b0),
+        lambda: remove_background(noise, small, vs, method, b0_dir=b0),
+        threads,
+    )
     np.save(workdir / f"{method}_local.npy", local)
     np.save(workdir / f"{method}_mask.npy", used)
-    print(
-        json.dumps({"warmup_s": warmup, "wall_s": wall, "peak_mb": peak, "extra_mb": peak - base})
-    )
+    print(json.dumps(stats))
 
 
 def _nrmse(est: np.ndarray, truth: np.ndarray, m: np.ndarray) -> float:
@@ -142,31 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("total", "mask", "voxel_size", "b0_dir"):
             np.save(workdir / f"{key}.npy", data[key])
         for method in args.methods:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                tmp,
-                "--threads",
-                str(args.threads),
-            ]
-            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                print(run.stderr, file=sys.stderr)
-                raise SystemExit(f"{method} failed (exit {run.returncode})")
-            stats = json.loads(run.stdout.strip().splitlines()[-1])
+            stats = run_worker(
+                __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method
+            )
             stats["local"] = np.load(workdir / f"{method}_local.npy")
             stats["mask"] = np.load(workdir / f"{method}_mask.npy")
             results[method] = stats
     common = np.logical_and.reduce([r["mask"] for r in results.values()])
 
-    shape = "x".join(str(n) for n in mask.shape)
-    vs = "x".join(f"{v:g}" for v in data["voxel_size"])
-    b0 = ", ".join(f"{v:.3f}" for v in data["b0_dir"])
+    grid = grid_text(mask.shape, data["voxel_size"], data["b0_dir"])
     print(
-        f"\nBackground removal on the {args.preset} head phantom ({shape}, {vs} mm, "
-        f"B0 ({b0}), {int(mask.sum())} brain voxels; simulated in {sim_s:.1f} s), "
+        f"\nBackground removal on the {args.preset} head phantom ({grid}, "
+        f"{int(mask.sum())} brain voxels; simulated in {sim_s:.1f} s), "
         f"{args.threads} FFT thread(s), {os.cpu_count()} CPU(s)\n"
     )
     print(

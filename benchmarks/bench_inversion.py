@@ -24,35 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import PRESETS, grid_text, head_fields, run_worker, timed, warmup_volume
 
-PRESETS = {"1mm": (1.0, 1.0, 1.0), "2mm": (2.0, 2.0, 2.0), "small": (4.0, 4.0, 4.0)}
 METHODS = ("tkd", "rts", "tv", "ilsqr")
-
-
-def _status_mb(key: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def simulate(preset: str, seed: int, tilt: tuple[float, float], noise: float) -> dict:
     """The phantom's local field (ppm) and truth on the preset grid."""
-    from qsmprep.qsm.sideinfo import b0_direction
-    from qsmprep.sim import DEEP_GREY, make_head_phantom, simulate_fields, tilted_affine
+    from qsmprep.sim import DEEP_GREY
 
-    phantom = make_head_phantom(PRESETS[preset], seed=seed)
-    b0 = b0_direction(tilted_affine(phantom.affine, phantom.shape, tilt))
-    _, local = simulate_fields(phantom, b0)
+    phantom, b0, _, local = head_fields(preset, seed, tilt)
     mask = phantom.brain_mask
     if noise > 0:
         local = local + noise * np.random.default_rng(seed).standard_normal(local.shape)
@@ -72,32 +58,20 @@ def simulate(preset: str, seed: int, tilt: tuple[float, float], noise: float) ->
 
 def _worker(method: str, workdir: Path, threads: int) -> None:
     """Invert the saved field with ``method``; save chi; print a JSON line of stats."""
-    import numba
-    import scipy.fft as sfft
-
     from qsmprep.qsm.inversion import invert
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     local = np.load(workdir / "local.npy")
     mask = np.load(workdir / "mask.npy")
     vs = tuple(np.load(workdir / "voxel_size.npy"))
     b0 = tuple(np.load(workdir / "b0_dir.npy"))
-    with sfft.set_workers(threads):
-        small = np.zeros((24, 24, 24), bool)
-        small[4:20, 4:20, 4:20] = True
-        noise = np.random.default_rng(0).standard_normal(small.shape).astype(np.float32)
-        t0 = time.perf_counter()
-        invert(noise, small, vs, b0, method)
-        warmup = time.perf_counter() - t0
-        base = _status_mb("VmRSS")
-        t0 = time.perf_counter()
-        chi = invert(local, mask, vs, b0, method)
-        wall = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
-    np.save(workdir / f"{method}_chi.npy", chi)
-    print(
-        json.dumps({"warmup_s": warmup, "wall_s": wall, "peak_mb": peak, "extra_mb": peak - base})
+    noise, small = warmup_volume(24)
+    chi, stats = timed(
+        lambda: invert(local, mask, vs, b0, method),
+        lambda: invert(noise, small, vs, b0, method),
+        threads,
     )
+    np.save(workdir / f"{method}_chi.npy", chi)
+    print(json.dumps(stats))
 
 
 def accuracy(chi: np.ndarray, data: dict) -> dict:
@@ -141,29 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("local", "mask", "voxel_size", "b0_dir"):
             np.save(workdir / f"{key}.npy", data[key])
         for method in args.methods:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                tmp,
-                "--threads",
-                str(args.threads),
-            ]
-            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                print(run.stderr, file=sys.stderr)
-                raise SystemExit(f"{method} failed (exit {run.returncode})")
-            stats = json.loads(run.stdout.strip().splitlines()[-1])
+            stats = run_worker(
+                __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method
+            )
             stats.update(accuracy(np.load(workdir / f"{method}_chi.npy"), data))
             table[method] = stats
 
     mask = data["mask"]
-    shape = "x".join(str(n) for n in mask.shape)
-    vs = "x".join(f"{v:g}" for v in data["voxel_size"])
-    b0 = ", ".join(f"{v:.3f}" for v in data["b0_dir"])
+    grid = grid_text(mask.shape, data["voxel_size"], data["b0_dir"])
     print(
-        f"\nDipole inversion on the {args.preset} head phantom ({shape}, {vs} mm, B0 ({b0}), "
+        f"\nDipole inversion on the {args.preset} head phantom ({grid}, "
         f"{int(mask.sum())} brain voxels, field noise {args.noise:g} ppm; simulated in "
         f"{sim_s:.1f} s), {args.threads} thread(s), {os.cpu_count()} CPU(s)\n"
     )

@@ -1,6 +1,6 @@
 """Benchmark adaptive U-Net inference on the 1 mm head: wall time and peak memory, tiled.
 
-    python benchmarks/bench_unet.py [--preset 1mm|2mm] [--channels 16 8] [--mem-gb 6 2]
+    python benchmarks/bench_unet.py [--preset 1mm|2mm|small] [--channels 16 8] [--mem-gb 6 2]
         [--threads N] [--device cpu|cuda] [--overlap 32] [--model FILE] [--json FILE]
 
 Input is the phantom's true local field (``qsmprep.sim.simulate_fields``, ppm) inside
@@ -25,24 +25,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-PRESETS = {"1mm": (1.0, 1.0, 1.0), "2mm": (2.0, 2.0, 2.0)}
-
-
-def _status_mb(key: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+from _common import PRESETS, head_fields, run_worker, status_mb
 
 
 def _cpu_s() -> float:
@@ -53,11 +41,9 @@ def _cpu_s() -> float:
 def simulate(preset: str, seed: int) -> dict:
     """The phantom's local field (ppm), brain mask and side information on the preset grid."""
     from qsmprep.qsm.sideinfo import SideInformation
-    from qsmprep.sim import make_head_phantom, simulate_fields
 
-    phantom = make_head_phantom(PRESETS[preset], seed=seed)
+    phantom, _, _, local = head_fields(preset, seed)
     side = SideInformation.from_affine(phantom.affine)
-    _, local = simulate_fields(phantom, side.b0_direction)
     mask = phantom.brain_mask
     return {"local": np.where(mask, local, 0).astype(np.float32), "mask": mask, "side": side}
 
@@ -85,7 +71,7 @@ def _worker(workdir: Path, case: dict) -> None:
     if case["device"] == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     t0, c0 = time.perf_counter(), _cpu_s()
     chi = invert_adaptive_unet(local, mask, side, model, overlap=case["overlap"], **kw)
     if case["device"] == "cuda":
@@ -97,8 +83,8 @@ def _worker(workdir: Path, case: dict) -> None:
     stats = {
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_mb": _status_mb("VmHWM"),
-        "extra_mb": _status_mb("VmHWM") - base,
+        "peak_mb": status_mb("VmHWM"),
+        "extra_mb": status_mb("VmHWM") - base,
         "tiles": int(np.prod([len(s) for s in starts])),
         "tile": list(tile),
         "finite": bool(np.isfinite(chi).all()),
@@ -146,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                     "overlap": args.overlap,
                     "model": str(args.model) if args.model else None,
                 }
-                cmd = [sys.executable, __file__, "--worker", json.dumps(case), tmp]
-                run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if run.returncode != 0:
-                    print(run.stderr, file=sys.stderr)
-                    raise SystemExit(f"case {case} failed (exit {run.returncode})")
-                rows.append({**case, **json.loads(run.stdout.strip().splitlines()[-1])})
+                stats = run_worker(
+                    __file__, "--worker", json.dumps(case), tmp, what=f"case {case}"
+                )
+                rows.append({**case, **stats})
 
     shape = "x".join(str(n) for n in data["mask"].shape)
     load = os.getloadavg()[0]

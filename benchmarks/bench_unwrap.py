@@ -1,6 +1,6 @@
 """Benchmark phase unwrapping on the simulated head: ROMEO vs scikit-image vs Laplacian.
 
-    python benchmarks/bench_unwrap.py [--preset 1mm|2mm] [--snr 50] [--threads N]
+    python benchmarks/bench_unwrap.py [--preset 1mm|2mm|small] [--snr 50] [--threads N]
 
 The phantom (``qsmprep.sim``) is simulated without a phase offset, so the true unwrapped
 phase of echo ``e`` is ``2 pi f TE_e``. Each method runs in its own subprocess on the
@@ -21,39 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import PRESETS, run_worker, status_mb
 
-PRESETS = {
-    "1mm": {"voxel_size": (1.0, 1.0, 1.0)},
-    "2mm": {"voxel_size": (2.0, 2.0, 2.0)},
-}
 METHODS = ("romeo", "skimage", "laplacian")
 ECHO_TIMES = (0.004, 0.008, 0.012, 0.016)
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process, MB.
-
-    Unlike ``ru_maxrss``, which keeps the forking parent's peak across ``exec``, these
-    belong to this process's own address space."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _simulate(preset: str, snr: float, seed: int, field_strength: float) -> dict:
     from qsmprep.sim.phantom import make_head_phantom
     from qsmprep.sim.signal import simulate_megre
 
-    phantom = make_head_phantom(PRESETS[preset]["voxel_size"], seed=seed)
+    phantom = make_head_phantom(PRESETS[preset], seed=seed)
     sim = simulate_megre(
         phantom,
         echo_times=ECHO_TIMES,
@@ -113,12 +96,12 @@ def _worker(method: str, folder: Path, threads: int) -> None:
 
     data = {k: np.load(folder / f"{k}.npy") for k in ("phase", "mag", "mask", "echo_times")}
     data["voxel_size"] = np.load(folder / "voxel_size.npy")
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     out, warm, wall = _run_method(method, data, threads)
     np.save(folder / f"out_{method}.npy", out)
     print(
         json.dumps(
-            {"warm_s": warm, "wall_s": wall, "peak_mb": _status_mb("VmHWM"), "inputs_mb": before}
+            {"warm_s": warm, "wall_s": wall, "peak_mb": status_mb("VmHWM"), "inputs_mb": before}
         )
     )
 
@@ -162,14 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         for key, value in data.items():
             np.save(folder / f"{key}.npy", value)
+        threads = str(args.threads)
         for method in methods:
-            cmd = [sys.executable, __file__, "--worker", method, "--data", tmp]
-            cmd += ["--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(res.stderr, file=sys.stderr)
-                raise SystemExit(f"{method} failed (exit {res.returncode})")
-            stats = json.loads(res.stdout.strip().splitlines()[-1])
+            stats = run_worker(
+                __file__, "--worker", method, "--data", tmp, "--threads", threads, what=method
+            )
             right = fraction_right(np.load(folder / f"out_{method}.npy"), truth, mask)
             rows.append((method, stats, right))
 
