@@ -73,12 +73,6 @@ def _worker(method: str, workdir: Path, threads: int) -> None:
     print(json.dumps(stats))
 
 
-def _nrmse(est: np.ndarray, truth: np.ndarray, m: np.ndarray) -> float:
-    e = est[m] - est[m].mean()
-    t = truth[m] - truth[m].mean()
-    return float(100 * np.linalg.norm(e - t) / np.linalg.norm(t))
-
-
 def _background_left(est: np.ndarray, background: np.ndarray, m: np.ndarray) -> float:
     e = est[m] - est[m].mean()
     b = background[m] - background[m].mean()
@@ -86,6 +80,8 @@ def _background_left(est: np.ndarray, background: np.ndarray, m: np.ndarray) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qsmprep.qsm.metrics import nrmse
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="1mm")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -137,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_mb": r["peak_mb"],
             "extra_mb": r["extra_mb"],
             "mask_pct": 100 * r["mask"].sum() / mask.sum(),
-            "nrmse_own": _nrmse(r["local"], truth, r["mask"]),
-            "nrmse_common": _nrmse(r["local"], truth, common),
+            "nrmse_own": nrmse(r["local"], truth, r["mask"]),
+            "nrmse_common": nrmse(r["local"], truth, common),
             "background_left": _background_left(r["local"], background, common),
         }
         table[method] = row

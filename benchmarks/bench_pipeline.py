@@ -31,6 +31,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from qsmprep.qsm.metrics import nrmse
+
 #: One-at-a-time variants of the defaults: name -> extra qsmprep options.
 VARIANTS = {
     "unwrapping laplacian": ["--unwrapping", "laplacian"],
@@ -116,13 +118,6 @@ def run_measured(cmd: list[str], interval: float = 0.2) -> dict:
         "peak_process_gb": usage.ru_maxrss * 1024 / 1e9,
         "stderr": "".join(err),
     }
-
-
-def nrmse(x: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
-    """NRMSE (%) inside ``mask``, both maps demeaned (QSM challenge 2.0)."""
-    a = x[mask] - x[mask].mean()
-    t = truth[mask] - truth[mask].mean()
-    return float(100 * np.linalg.norm(a - t) / np.linalg.norm(t))
 
 
 def score(out: Path, run) -> dict:

@@ -21,13 +21,6 @@ import numpy as np
 DEMO_RUNS = (("axial", (0.0, 0.0)), ("oblique", (20.0, 0.0)))
 
 
-def nrmse(chi: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
-    """NRMSE (%) of ``chi`` against ``truth`` inside ``mask``, both demeaned there."""
-    x = chi[mask] - chi[mask].mean()
-    t = truth[mask] - truth[mask].mean()
-    return float(100 * np.linalg.norm(x - t) / np.linalg.norm(t))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qsmprep-demo",
@@ -64,6 +57,7 @@ def write_demo_dataset(bids_dir: Path, preset: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsmprep-demo``; returns qsmprep's exit code."""
+    from ..qsm.metrics import nrmse
     from .run import main as qsmprep
 
     args = build_parser().parse_args(argv)
