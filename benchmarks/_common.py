@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +61,22 @@ def warmup_volume(n: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((n, n, n), bool)
     mask[4 : n - 4, 4 : n - 4, 4 : n - 4] = True
     return np.random.default_rng(0).standard_normal(mask.shape).astype(np.float32), mask
+
+
+#: What a bgremove/inversion worker gets besides its field: mask, voxel size, B0 direction.
+_GRID_KEYS = ("mask", "voxel_size", "b0_dir")
+
+
+def save_inputs(workdir: Path, data: dict, field: str) -> None:
+    """Save ``data[field]`` and the grid entries for a worker as ``workdir/KEY.npy``."""
+    for key in (field, *_GRID_KEYS):
+        np.save(workdir / f"{key}.npy", data[key])
+
+
+def load_inputs(workdir: Path, field: str) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+    """The worker's side of :func:`save_inputs`: field, mask, voxel size and B0 direction."""
+    mask, vs, b0 = (np.load(workdir / f"{key}.npy") for key in _GRID_KEYS)
+    return np.load(workdir / f"{field}.npy"), mask, tuple(vs), tuple(b0)
 
 
 def timed(call: Callable[[], object], warmup: Callable[[], object], threads: int):

@@ -37,7 +37,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import PRESETS, grid_text, head_fields, run_worker, timed, warmup_volume
+from _common import (
+    PRESETS,
+    grid_text,
+    head_fields,
+    load_inputs,
+    run_worker,
+    save_inputs,
+    timed,
+    warmup_volume,
+)
 
 METHODS = ("vsharp", "pdf", "lbv", "ismv")
 
@@ -58,10 +67,7 @@ def _worker(method: str, workdir: Path, threads: int) -> None:
     """Run ``method`` on the saved inputs; save its output; print a JSON line."""
     from qsmprep.qsm.bgremove import remove_background
 
-    total = np.load(workdir / "total.npy")
-    mask = np.load(workdir / "mask.npy")
-    vs = tuple(np.load(workdir / "voxel_size.npy"))
-    b0 = tuple(np.load(workdir / "b0_dir.npy"))
+    total, mask, vs, b0 = load_inputs(workdir, "total")
     noise, small = warmup_volume(32)
     (local, used), stats = timed(
         lambda: remove_background(total, mask, vs, method, b0_dir=b0),
@@ -103,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_bgremove_") as tmp:
         workdir = Path(tmp)
-        for key in ("total", "mask", "voxel_size", "b0_dir"):
-            np.save(workdir / f"{key}.npy", data[key])
+        save_inputs(workdir, data, "total")
         for method in args.methods:
             stats = run_worker(
                 __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method

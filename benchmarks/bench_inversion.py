@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import PRESETS, grid_text, head_fields, run_worker, timed, warmup_volume
+from _common import (
+    PRESETS,
+    grid_text,
+    head_fields,
+    load_inputs,
+    run_worker,
+    save_inputs,
+    timed,
+    warmup_volume,
+)
 
 METHODS = ("tkd", "rts", "tv", "ilsqr")
 
@@ -60,10 +69,7 @@ def _worker(method: str, workdir: Path, threads: int) -> None:
     """Invert the saved field with ``method``; save chi; print a JSON line of stats."""
     from qsmprep.qsm.inversion import invert
 
-    local = np.load(workdir / "local.npy")
-    mask = np.load(workdir / "mask.npy")
-    vs = tuple(np.load(workdir / "voxel_size.npy"))
-    b0 = tuple(np.load(workdir / "b0_dir.npy"))
+    local, mask, vs, b0 = load_inputs(workdir, "local")
     noise, small = warmup_volume(24)
     chi, stats = timed(
         lambda: invert(local, mask, vs, b0, method),
@@ -112,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     with tempfile.TemporaryDirectory(prefix="bench_inversion_") as tmp:
         workdir = Path(tmp)
-        for key in ("local", "mask", "voxel_size", "b0_dir"):
-            np.save(workdir / f"{key}.npy", data[key])
+        save_inputs(workdir, data, "local")
         for method in args.methods:
             stats = run_worker(
                 __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method
