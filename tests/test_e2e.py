@@ -7,8 +7,6 @@ One dataset, one run of the command for the whole module:
 - sub-04: a copy of sub-01 whose phase is neither radians nor integers (fails in a node).
 """
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -16,23 +14,10 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from qsmprep.cli.run import main, validate_bids
+from qsmprep.cli.run import validate_bids
+from qsmprep.qsm.metrics import nrmse
 from qsmprep.qsm.sideinfo import b0_direction
 from qsmprep.sim import SubjectSpec, write_bids_dataset
-
-
-def nrmse(x, truth, mask):
-    """NRMSE (%) inside ``mask``, both maps demeaned (QSM challenge 2.0)."""
-    x = x[mask] - x[mask].mean()
-    t = truth[mask] - truth[mask].mean()
-    return 100 * np.linalg.norm(x - t) / np.linalg.norm(t)
-
-
-def run_cli(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +45,7 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_run(dataset, tmp_path_factory):
+def first_run(dataset, tmp_path_factory, run_cli):
     base = tmp_path_factory.mktemp("e2e_run")
     out, work = base / "out", base / "work"
     code, err = run_cli([dataset.root, out, "participant", "-w", work, "--nprocs", "1"])
@@ -145,7 +130,7 @@ def test_output_passes_the_bids_validator(first_run):
     assert validate_bids(first_run[2]) == []
 
 
-def test_field_strength_option_rescues_the_participant(first_run, dataset):
+def test_field_strength_option_rescues_the_participant(first_run, dataset, run_cli):
     _, _, out, work = first_run
     code, err = run_cli(
         [dataset.root, out, "participant", "-w", work, "--nprocs", "1",
@@ -156,7 +141,7 @@ def test_field_strength_option_rescues_the_participant(first_run, dataset):
     assert meta["MagneticFieldStrength"] == 3.0
 
 
-def test_rerun_resumes_from_the_work_dir(first_run, dataset):
+def test_rerun_resumes_from_the_work_dir(first_run, dataset, run_cli):
     _, _, out, work = first_run
     result = next(work.glob("sub_01_wf/*/dipole_inversion/result_dipole_inversion.pklz"))
     stamp = result.stat().st_mtime_ns

@@ -4,8 +4,6 @@ sub-01 stores its phase in radians, sub-02 as Siemens integers (-4096..4095); bo
 the same head, so their outputs can be compared.
 """
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -13,21 +11,9 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from qsmprep.cli.run import main, validate_bids
+from qsmprep.cli.run import validate_bids
+from qsmprep.qsm.metrics import nrmse
 from qsmprep.sim import SubjectSpec, write_bids_dataset
-
-
-def nrmse(x, truth, mask):
-    x = x[mask] - x[mask].mean()
-    t = truth[mask] - truth[mask].mean()
-    return 100 * np.linalg.norm(x - t) / np.linalg.norm(t)
-
-
-def run_cli(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +26,21 @@ def dataset(tmp_path_factory):
     )
 
 
-def _process(dataset, tmp_path, *options, sub="01", root=None):
-    out = tmp_path / "out"
-    argv = [root or dataset.root, out, "participant", "-w", tmp_path / "work", "--nprocs", "1",
-            "--skip-bids-validation", "--participant-label", sub, *options]  # fmt: skip
-    code, err = run_cli(argv)
-    assert code == 0, err
-    return out / f"sub-{sub}" / "anat"
+@pytest.fixture
+def process(dataset, run_cli):
+    """``process(tmp_path, *options, sub="01", root=None)``: run one participant of
+    ``root`` (default the dataset) into ``tmp_path / "out"``; return its anat folder."""
+
+    def run(tmp_path, *options, sub="01", root=None):
+        out = tmp_path / "out"
+        argv = [root or dataset.root, out, "participant", "-w", tmp_path / "work",
+                "--nprocs", "1", "--skip-bids-validation", "--participant-label", sub,
+                *options]  # fmt: skip
+        code, err = run_cli(argv)
+        assert code == 0, err
+        return out / f"sub-{sub}" / "anat"
+
+    return run
 
 
 def _load(anat, name):
@@ -57,9 +51,9 @@ def _meta(anat, name):
     return json.loads(next(anat.glob(f"*_{name}.json")).read_text())
 
 
-def test_siemens_integer_phase_gives_the_same_field(dataset, tmp_path):
-    anat1 = _process(dataset, tmp_path / "a", "--inversion", "tkd")
-    anat2 = _process(dataset, tmp_path / "b", "--inversion", "tkd", sub="02")
+def test_siemens_integer_phase_gives_the_same_field(dataset, tmp_path, process):
+    anat1 = process(tmp_path / "a", "--inversion", "tkd")
+    anat2 = process(tmp_path / "b", "--inversion", "tkd", sub="02")
     mask = (_load(anat1, "desc-brain_mask") > 0) & (_load(anat2, "desc-brain_mask") > 0)
     truth = dataset.run("sub-02").load_truth("total_field")
     # the integer storage quantises the phase to 2 pi / 8192: a small extra error only
@@ -67,9 +61,9 @@ def test_siemens_integer_phase_gives_the_same_field(dataset, tmp_path):
     assert nrmse(_load(anat2, "totalfield"), _load(anat1, "totalfield"), mask) < 5
 
 
-def test_relaxometry_swi_and_laplacian(dataset, tmp_path):
-    anat = _process(
-        dataset, tmp_path, "--r2star", "loglinear", "--swi",
+def test_relaxometry_swi_and_laplacian(dataset, tmp_path, process):
+    anat = process(
+        tmp_path, "--r2star", "loglinear", "--swi",
         "--unwrapping", "laplacian", "--bf-removal", "ismv", "--inversion", "tv",
     )  # fmt: skip
     run = dataset.run("sub-01")
@@ -95,8 +89,8 @@ def test_relaxometry_swi_and_laplacian(dataset, tmp_path):
     assert validate_bids(anat.parent.parent) == []
 
 
-def test_quality_masking_and_two_pass(dataset, tmp_path):
-    anat = _process(dataset, tmp_path, "--masking", "quality", "--two-pass")
+def test_quality_masking_and_two_pass(dataset, tmp_path, process):
+    anat = process(tmp_path, "--masking", "quality", "--two-pass")
     meta = _meta(anat, "Chimap")
     assert meta["Masking"]["Method"] == "quality" and "TwoPass" in meta["DipoleInversion"]
     quality = _load(anat, "desc-romeo_quality")
@@ -106,11 +100,11 @@ def test_quality_masking_and_two_pass(dataset, tmp_path):
     assert nrmse(_load(anat, "Chimap"), run.load_truth("chi"), mask) < 80
 
 
-def test_user_masks(dataset, tmp_path):
-    first = _process(dataset, tmp_path / "first", "--inversion", "tkd")
+def test_user_masks(dataset, tmp_path, process, run_cli):
+    first = process(tmp_path / "first", "--inversion", "tkd")
     mask = _load(first, "desc-brain_mask") > 0
     # --mask-derivatives: the masks of an earlier output dataset
-    anat = _process(dataset, tmp_path / "deriv", "--inversion", "tkd",
+    anat = process(tmp_path / "deriv", "--inversion", "tkd",
                     "--mask-derivatives", first.parent.parent)  # fmt: skip
     again = _load(anat, "desc-brain_mask") > 0
     assert again.sum() > 0 and not np.any(again & ~mask)  # V-SHARP may erode it further
@@ -119,7 +113,7 @@ def test_user_masks(dataset, tmp_path):
     mask_file = tmp_path / "mask.nii.gz"
     ref = nb.load(dataset.run("sub-01").mag_files[0])
     nb.save(nb.Nifti1Image(mask.astype(np.uint8), ref.affine), mask_file)
-    anat = _process(dataset, tmp_path / "file", "--inversion", "tkd", "--mask-file", mask_file)
+    anat = process(tmp_path / "file", "--inversion", "tkd", "--mask-file", mask_file)
     assert not np.any((_load(anat, "desc-brain_mask") > 0) & ~mask)
     nb.save(nb.Nifti1Image(mask[:-1].astype(np.uint8), ref.affine), mask_file)
     code, err = run_cli([dataset.root, tmp_path / "bad", "participant", "-w", tmp_path / "w2",
@@ -141,21 +135,21 @@ def _derived_dataset(dataset, tmp_path):
     return root, run, run.load_truth("total_field").astype(np.float32)
 
 
-def test_start_from_unwrapped_phase(dataset, tmp_path):
+def test_start_from_unwrapped_phase(dataset, tmp_path, process):
     root, run, field_hz = _derived_dataset(dataset, tmp_path)
     anat = root / "sub-01" / "anat"
     shutil.copytree(dataset.root / "sub-01" / "anat", anat)
     for path, te in zip(run.phase_files, run.echo_times, strict=True):
         img = nb.load(path)
         nb.save(nb.Nifti1Image(2 * np.pi * field_hz * te, img.affine), anat / path.name)
-    out = _process(dataset, tmp_path, "--input-type", "unwrapped", root=root)
+    out = process(tmp_path, "--input-type", "unwrapped", root=root)
     mask = _load(out, "desc-brain_mask") > 0
     # noise-free unwrapped phase: the echo fit returns the field itself
     assert nrmse(_load(out, "totalfield"), field_hz, mask) < 0.1
     assert "none" in _meta(out, "Chimap")["Unwrapping"]["Method"]
 
 
-def test_start_from_a_field_map(dataset, tmp_path):
+def test_start_from_a_field_map(dataset, tmp_path, process):
     root, run, field_hz = _derived_dataset(dataset, tmp_path)
     fmap = root / "sub-01" / "fmap"
     fmap.mkdir(parents=True)
@@ -165,7 +159,7 @@ def test_start_from_a_field_map(dataset, tmp_path):
     (fmap / "sub-01_fieldmap.json").write_text(
         json.dumps({"Units": "rad/s", "MagneticFieldStrength": 3.0})
     )
-    out = _process(dataset, tmp_path, "--input-type", "fieldmap", root=root)
+    out = process(tmp_path, "--input-type", "fieldmap", root=root)
     mask = _load(out, "desc-brain_mask") > 0
     np.testing.assert_allclose(
         _load(out, "totalfield")[mask], field_hz[mask], rtol=1e-5, atol=1e-3
@@ -175,7 +169,7 @@ def test_start_from_a_field_map(dataset, tmp_path):
     assert nrmse(_load(out, "Chimap"), run.load_truth("chi"), mask) < 80
 
 
-def test_adaptive_unet_with_a_user_model(dataset, tmp_path):
+def test_adaptive_unet_with_a_user_model(dataset, tmp_path, process, run_cli):
     torch = pytest.importorskip("torch")
     from qsmprep.nn.unet import AdaptiveUNet3d
     from qsmprep.nn.weights import save_model
@@ -183,7 +177,7 @@ def test_adaptive_unet_with_a_user_model(dataset, tmp_path):
     torch.manual_seed(0)
     model_path = tmp_path / "tiny.pt"
     save_model(AdaptiveUNet3d(base_channels=2, depth=2), model_path, {"note": "random, tests"})
-    anat = _process(dataset, tmp_path / "ok", "--inversion", "adaptive-unet",
+    anat = process(tmp_path / "ok", "--inversion", "adaptive-unet",
                     "--model", model_path, "--device", "cpu")  # fmt: skip
     chi, mask = _load(anat, "Chimap"), _load(anat, "desc-brain_mask") > 0
     assert np.all(np.isfinite(chi)) and np.all(chi[~mask] == 0) and chi[mask].std() > 0
