@@ -69,34 +69,24 @@ class PrepareEchoes(SimpleInterface):
             )
         if any(t <= 0 for t in tes):
             raise ValueError(f"echo times must be positive seconds, got {tes}")
-        ref_img, ref_path = None, mags[0]
-        mag_stack, phase_stack = [], []
-        for path_m, path_p in zip(mags, phases, strict=True):
-            m, img_m = load(path_m)
-            p, img_p = load(path_p, dtype=None)
-            for arr, img, path in ((m, img_m, path_m), (p, img_p, path_p)):
-                ref_img = img if ref_img is None else ref_img
-                _check_same_grid(arr, img, path, ref_img, ref_path)
-            mag_stack.append(m.reshape(m.shape[:3]))
-            phase_stack.append(p.reshape(p.shape[:3]))
+        mag, ref_img = _load_on_grid(mags)
+        stored = _load_on_grid(phases, ref_img, mags[0], dtype=None)[0]
         name = os.path.basename(phases[0])
         if self.inputs.wrapped:
             # one scaling for the whole run: a vendor range is detected on all echoes together
             try:
-                phase, how = scale_phase(np.stack(phase_stack, axis=-1), self.inputs.phase_units)
+                phase, how = scale_phase(stored, self.inputs.phase_units)
             except PhaseScalingError as e:
                 raise PhaseScalingError(f"run of {name}: {e}") from None
         else:
             units = self.inputs.phase_units
             if units is not None and units.lower() not in ("rad", "radian", "radians"):
                 raise ValueError(f"unwrapped phase of {name} must be in rad, not {units!r}")
-            phase, how = np.stack(phase_stack, axis=-1).astype(np.float32), "unwrapped radians"
+            phase, how = stored.astype(np.float32), "unwrapped radians"
             if not np.all(np.isfinite(phase)):
                 raise ValueError(f"unwrapped phase of the run of {name} has non-finite values")
         cwd = runtime.cwd
-        self._results["out_mag"] = save_like(
-            np.stack(mag_stack, axis=-1), ref_img, os.path.join(cwd, "mag.nii.gz")
-        )
+        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii.gz"))
         self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii.gz"))
         self._results["side_info"] = _write_side_info(ref_img, cwd)
         self._results["phase_scaling"] = how
@@ -131,29 +121,34 @@ class PrepareFieldMap(SimpleInterface):
 
     def _run_interface(self, runtime):
         mags = list(self.inputs.mag_files)
-        ref_img, ref_path = None, mags[0]
-        stack = []
-        for path in mags:
-            m, img = load(path)
-            ref_img = img if ref_img is None else ref_img
-            _check_same_grid(m, img, path, ref_img, ref_path)
-            stack.append(m.reshape(m.shape[:3]))
+        mag, ref_img = _load_on_grid(mags)
         field, img = load(self.inputs.fieldmap)
-        _check_same_grid(field, img, self.inputs.fieldmap, ref_img, ref_path)
+        _check_same_grid(field, img, self.inputs.fieldmap, ref_img, mags[0])
         field = field.reshape(field.shape[:3])
         if not np.all(np.isfinite(field)):
             raise ValueError(f"{os.path.basename(self.inputs.fieldmap)} has non-finite values")
         if self.inputs.units == "rad/s":
             field = field / np.float32(2 * np.pi)
         cwd = runtime.cwd
-        self._results["out_mag"] = save_like(
-            np.stack(stack, axis=-1), ref_img, os.path.join(cwd, "mag.nii.gz")
-        )
+        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii.gz"))
         self._results["total_field"] = save_like(
             field, ref_img, os.path.join(cwd, "total_field_hz.nii.gz")
         )
         self._results["side_info"] = _write_side_info(ref_img, cwd)
         return runtime
+
+
+def _load_on_grid(paths, ref_img=None, ref_path=None, dtype=np.float32):
+    """Load 3D images that share one grid, the first's or ``ref_img``'s (from ``ref_path``);
+    return them stacked along a last axis ``(X, Y, Z, E)`` and the reference image."""
+    ref_path = paths[0] if ref_path is None else ref_path
+    stack = []
+    for path in paths:
+        data, img = load(path, dtype=dtype)
+        ref_img = img if ref_img is None else ref_img
+        _check_same_grid(data, img, path, ref_img, ref_path)
+        stack.append(data.reshape(data.shape[:3]))
+    return np.stack(stack, axis=-1), ref_img
 
 
 def _check_same_grid(arr, img, path, ref_img, ref_path) -> None:
