@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from qsmprep.qsm import phase as ph
-from qsmprep.qsm.sideinfo import SideInformation, b0_direction, voxel_size
+from qsmprep.qsm.sideinfo import SideInformation, b0_direction, check_voxel_size, voxel_size
 
 
 def _rot_x(deg):
@@ -58,6 +58,13 @@ def test_sheared_affine_rejected():
     aff[0, 1] = 0.3
     with pytest.raises(ValueError, match="sheared"):
         b0_direction(aff)
+
+
+def test_check_voxel_size():
+    assert check_voxel_size(np.array([1, 2, 3])) == (1.0, 2.0, 3.0)
+    for bad in [(1, 1), (1, 1, 1, 1), (1, 0, 1), (1, -2, 1), (1, np.inf, 1), (1, np.nan, 1)]:
+        with pytest.raises(ValueError, match="voxel_size must be 3 positive numbers"):
+            check_voxel_size(bad)
 
 
 def test_phase_radians_pass_through():

@@ -40,6 +40,7 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from .dipole import crop, dipole_kernel, pad, padded_shape
+from .sideinfo import check_voxel_size
 
 logger = logging.getLogger("qsmprep")
 
@@ -65,9 +66,7 @@ def _validate(
         raise ValueError(f"field must be a 3D array, got shape {field.shape}")
     if mask.shape != field.shape:
         raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
-    vs = tuple(float(v) for v in np.ravel(voxel_size))
-    if len(vs) != 3 or not all(v > 0 and math.isfinite(v) for v in vs):
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    vs = check_voxel_size(voxel_size)
     mask = mask.astype(bool, copy=False)
     if not mask.any():
         raise ValueError("mask is empty")

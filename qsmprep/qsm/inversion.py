@@ -42,6 +42,7 @@ from .dipole import (
     padded_shape,
     sphere_kernel,
 )
+from .sideinfo import check_voxel_size
 
 LOG = logging.getLogger("qsmprep")
 
@@ -90,13 +91,11 @@ class _Problem:
 
 
 def _check_geometry(voxel_size: Sequence[float], b0_dir: Sequence[float]) -> tuple:
-    vs = np.asarray(voxel_size, dtype=float)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    vs = check_voxel_size(voxel_size)
     b = np.asarray(b0_dir, dtype=float)
     if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
         raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
-    return tuple(float(v) for v in vs), tuple(float(v) for v in b / np.linalg.norm(b))
+    return vs, tuple(float(v) for v in b / np.linalg.norm(b))
 
 
 def _check_field_mask(local: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from scipy import ndimage
 from .dipole import GAMMA_BAR_MHZ_PER_T
 from .masking import robust_threshold_mask
 from .romeo import romeo_unwrap
+from .sideinfo import check_voxel_size
 
 #: Default Gaussian width (mm) of the MCPC-3D-S phase-offset smoothing.
 MCPC_SIGMA_MM = 4.0
@@ -188,9 +189,7 @@ def mcpc3ds(
     ph, mg, tes = echo_arrays(phase, mag, echo_times)
     if ph.shape[-1] < 2:
         raise ValueError("MCPC-3D-S needs at least two echoes")
-    vs = np.asarray(voxel_size, dtype=float).ravel()
-    if vs.size != 3 or np.any(~(vs > 0)):
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size}")
+    vs = np.asarray(check_voxel_size(voxel_size))
     if not sigma_mm > 0:
         raise ValueError(f"sigma_mm must be positive, got {sigma_mm}")
     hip = wrap(ph[..., 1] - ph[..., 0])

@@ -7,12 +7,22 @@ grid with the B0 direction expressed in that grid's axes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 #: Tolerance on ``R^T R - I`` before an affine is treated as sheared.
 SHEAR_TOL = 1e-3
+
+
+def check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
+    """``voxel_size`` (mm) as 3 floats; ValueError unless it is 3 finite positive numbers."""
+    vs = tuple(float(v) for v in np.ravel(voxel_size))
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    return vs
 
 
 def voxel_size(affine: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .sideinfo import check_voxel_size
+
 #: Default width (Gaussian sigma, mm) of the low-pass that the high-pass removes.
 DEFAULT_SIGMA_MM = 4.0
 #: Default power of the phase mask.
@@ -27,9 +29,7 @@ DEFAULT_SLAB_MM = 8.0
 
 
 def _sigma_voxels(sigma_mm: float, voxel_size: Sequence[float]) -> tuple[float, float, float]:
-    vs = tuple(float(v) for v in np.ravel(voxel_size))
-    if len(vs) != 3 or min(vs) <= 0:
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    vs = check_voxel_size(voxel_size)
     if not sigma_mm > 0:
         raise ValueError(f"sigma_mm must be positive, got {sigma_mm}")
     return tuple(sigma_mm / v for v in vs)
@@ -145,9 +145,7 @@ def minip(
         raise ValueError(f"image must be 3D, got shape {img.shape}")
     if axis not in (0, 1, 2, -1, -2, -3):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    vs = np.ravel(voxel_size).astype(float)
-    if vs.size != 3 or vs.min() <= 0:
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size!r}")
+    vs = check_voxel_size(voxel_size)
     if not slab_mm > 0:
         raise ValueError(f"slab_mm must be positive, got {slab_mm}")
     n = max(1, int(round(slab_mm / vs[axis])))

@@ -14,6 +14,7 @@ import scipy.fft as sfft
 
 from .phase import echo_arrays, wrap
 from .romeo import romeo_unwrap
+from .sideinfo import check_voxel_size
 
 _TWO_PI = np.float32(2 * np.pi)
 
@@ -33,7 +34,7 @@ def laplacian_unwrap(phase: np.ndarray, voxel_size: Sequence[float]) -> np.ndarr
     p = np.asarray(phase, dtype=np.float32)
     if p.ndim != 3:
         raise ValueError(f"phase must be 3D, got shape {p.shape}")
-    vs = _check_voxel_size(voxel_size)
+    vs = check_voxel_size(voxel_size)
     if not np.all(np.isfinite(p)):
         raise ValueError("phase contains non-finite values")
     # Edge-replicated padding to fast DCT lengths keeps the solution on the box unchanged.
@@ -131,13 +132,6 @@ METHODS: dict[str, Callable[..., UnwrapResult]] = {
 }
 
 
-def _check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
-    vs = tuple(float(v) for v in np.ravel(voxel_size))
-    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-        raise ValueError(f"voxel_size must be 3 positive numbers (mm), got {voxel_size}")
-    return vs
-
-
 def unwrap_echoes(
     phase: np.ndarray,
     mag: np.ndarray | None,
@@ -167,7 +161,7 @@ def unwrap_echoes(
             raise ValueError(f"mask shape {m.shape} does not match phase {ph.shape[:3]}")
     if not m.any():
         raise ValueError("mask is empty")
-    _check_voxel_size(voxel_size)
+    check_voxel_size(voxel_size)
     func = METHODS[method]
     try:
         inspect.signature(func).bind(ph, mg, tes, m, voxel_size, **params)
