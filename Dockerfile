@@ -18,11 +18,15 @@ ENV OMP_NUM_THREADS=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN python -m pip install "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX}"
+# A virtual environment keeps pip away from any system-managed Python.
+RUN python3 -m venv /opt/qsmprep
+ENV PATH=/opt/qsmprep/bin:$PATH
+
+RUN pip install "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX}"
 
 COPY pyproject.toml README.md /src/
 COPY qsmprep /src/qsmprep
-RUN python -m pip install /src && rm -rf /src \
+RUN pip install /src && rm -rf /src \
     && python -c "import qsmprep.cli.run, qsmprep.nn.unet; print('qsmprep', qsmprep.__version__)"
 
 # Warm numba's cache at build time would need a writable cache at run time anyway;
