@@ -2,7 +2,8 @@
 
     python benchmarks/bench_accuracy.py [--cases axial oblique aniso] [--voxel-size 2 2 2]
         [--aniso-voxel-size 1 1 2] [--tilt-deg 20 10] [--snr 50] [--threads N]
-        [--unwrap ...] [--bgremove ...] [--inversion ...] [--json FILE]
+        [--masking ...] [--unwrap ...] [--bgremove ...] [--inversion ...]
+        [--two-pass off|on|both] [--json FILE]
 
 For each case the head phantom (``qsmprep.sim``) is simulated as multi-echo GRE (4
 echoes, 4-16 ms, 3 T, SNR 50) on the 1 mm grid and box-averaged into the case's voxels:
@@ -13,22 +14,28 @@ echoes, 4-16 ms, 3 T, SNR 50) on the 1 mm grid and box-averaged into the case's 
 - ``aniso``: ``--aniso-voxel-size`` (default 1 x 1 x 2 mm), B0 tilted as for oblique.
 
 Each run goes through the pipeline's stages and dispatchers, with their defaults, as
-qsmprep's workflow calls them: ``masking.make_mask(mag, "threshold")``,
+qsmprep's workflow calls them: ``masking.make_mask`` (``--masking``; ``quality`` from
+ROMEO without a mask, as the workflow does),
 ``phase.mcpc3ds``, ``unwrap.unwrap_echoes``, ``phase.fit_field``, ``phase.hz_to_ppm``,
-``bgremove.remove_background`` and ``inversion.invert`` then ``inversion.reference``.
+``bgremove.remove_background`` and ``inversion.invert`` (or ``invert_two_pass`` with the
+unfilled mask as the reliable one) then ``inversion.reference``.
 Stages shared by several combinations run once.
 
 Accuracy (:mod:`qsmprep.qsm.metrics`): NRMSE and HFEN (%) and XSIM of chi against the
 box-averaged true chi, both demeaned, inside the brain voxels that every combination of
 the case keeps (the intersection of their masks with the true brain mask), so the
-combinations of a case are compared on the same voxels. The time is the inversion's.
+combinations of a case are compared on the same voxels. Also given: the share of the
+brain each combination keeps (its output mask) and its NRMSE there, which is what a user
+gets. The time is the inversion's.
 
-Prints one markdown table. Timings depend on the machine and its load.
+Prints a markdown table of every run and one of the means over the cases, best first.
+Timings depend on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -56,37 +63,70 @@ def simulate_case(voxel_size, tilt, snr: float, seed: int):
     )
 
 
-def run_case(sig, unwraps, bgremoves, inversions) -> tuple[dict, dict]:
-    """All combinations on one simulated acquisition: chi maps and inversion times."""
-    from qsmprep.qsm import bgremove, inversion, masking, phase, unwrap
+def case_masks(sig, wrapped, maskings):
+    """``{masking: (filled, reliable, romeo_result)}`` as the workflow makes them.
+
+    ``quality`` thresholds the voxel quality of ROMEO run without a mask, and the workflow
+    keeps that unwrapping (``romeo_result``); the reliable mask of two-pass inversion is
+    the same method without hole filling.
+    """
+    from qsmprep.qsm import masking, unwrap
+    from qsmprep.qsm.sideinfo import SideInformation
+
+    vs = SideInformation.from_affine(sig.affine).voxel_size
+    out = {}
+    for mm in maskings:
+        romeo, quality = None, None
+        if mm == "quality":
+            romeo = unwrap.unwrap_echoes(wrapped, sig.mag, sig.echo_times, None, vs, "romeo")
+            quality = romeo.quality
+        filled = masking.make_mask(sig.mag, mm, quality=quality)
+        reliable = masking.make_mask(sig.mag, mm, quality=quality, fill_holes=False)
+        out[mm] = (filled, reliable, romeo)
+    return out
+
+
+def run_case(sig, maskings, unwraps, bgremoves, inversions, two_pass) -> tuple[dict, dict]:
+    """All combinations on one simulated acquisition: chi maps and inversion times.
+
+    Keys are ``(masking, unwrap, bgremove, inversion, two_pass)``; ``two_pass`` lists the
+    variants to run (``False``, ``True`` or both).
+    """
+    from qsmprep.qsm import bgremove, inversion, phase, unwrap
     from qsmprep.qsm.sideinfo import SideInformation
 
     side = SideInformation.from_affine(sig.affine)
     vs, b0 = side.voxel_size, side.b0_direction
     mag, tes = sig.mag, sig.echo_times
-    mask = masking.make_mask(mag, "threshold")
     wrapped = phase.mcpc3ds(sig.phase, mag, tes, vs)
     chis, times = {}, {}
-    for uw in unwraps:
-        unwrapped = unwrap.unwrap_echoes(wrapped, mag, tes, mask, vs, uw).unwrapped
-        field = phase.hz_to_ppm(phase.fit_field(unwrapped, mag, tes, mask=mask), FIELD_STRENGTH)
-        del unwrapped
-        for bg in bgremoves:
-            local, used = bgremove.remove_background(
-                field.astype(np.float32), mask, vs, bg, b0_dir=b0
-            )
-            local = np.where(used, local, 0).astype(np.float32)
-            for inv in inversions:
-                t0 = time.perf_counter()
-                chi = inversion.invert(local, used, vs, b0, inv)
-                times[uw, bg, inv] = time.perf_counter() - t0
-                chis[uw, bg, inv] = (inversion.reference(chi, used), used)
-            print(f"  {uw} + {bg}: done", flush=True)
+    for mm, (mask, reliable, romeo) in case_masks(sig, wrapped, maskings).items():
+        for uw in unwraps:
+            if romeo is not None and uw == "romeo":
+                unwrapped = romeo.unwrapped
+            else:
+                unwrapped = unwrap.unwrap_echoes(wrapped, mag, tes, mask, vs, uw).unwrapped
+            field = phase.hz_to_ppm(
+                phase.fit_field(unwrapped, mag, tes, mask=mask), FIELD_STRENGTH
+            ).astype(np.float32)
+            del unwrapped
+            for bg in bgremoves:
+                local, used = bgremove.remove_background(field, mask, vs, bg, b0_dir=b0)
+                local = np.where(used, local, 0).astype(np.float32)
+                for inv, tp in itertools.product(inversions, two_pass):
+                    t0 = time.perf_counter()
+                    if tp:
+                        chi = inversion.invert_two_pass(local, reliable & used, used, vs, b0, inv)
+                    else:
+                        chi = inversion.invert(local, used, vs, b0, inv)
+                    times[mm, uw, bg, inv, tp] = time.perf_counter() - t0
+                    chis[mm, uw, bg, inv, tp] = (inversion.reference(chi, used), used)
+                print(f"  {mm} + {uw} + {bg}: done", flush=True)
     return chis, times
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qsmprep.qsm import bgremove, inversion, metrics, unwrap
+    from qsmprep.qsm import bgremove, inversion, masking, metrics, unwrap
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -113,8 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(inversion.METHODS),
         default=sorted(inversion.METHODS),
     )
+    p.add_argument("--masking", nargs="+", choices=sorted(masking.METHODS), default=["threshold"])
+    p.add_argument(
+        "--two-pass",
+        choices=("off", "on", "both"),
+        default="off",
+        help="two-pass inversion variants to run",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    two_pass = {"off": [False], "on": [True], "both": [False, True]}[args.two_pass]
 
     import numba
     import scipy.fft as sfft
@@ -137,24 +185,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"simulated in {time.perf_counter() - t0:.1f} s",
                 flush=True,
             )
-            chis, times = run_case(sig, args.unwrap, args.bgremove, args.inversion)
+            chis, times = run_case(
+                sig, args.masking, args.unwrap, args.bgremove, args.inversion, two_pass
+            )
             common = np.logical_and.reduce([used for _, used in chis.values()]) & sig.mask
             info[case] = {
                 "voxel_size": list(vs),
                 "b0_angle_deg": float(angle),
                 "common_mask_pct": float(100 * common.sum() / sig.mask.sum()),
             }
-            for (uw, bg, inv), (chi, _) in chis.items():
+            for (mm, uw, bg, inv, tp), (chi, used) in chis.items():
                 rows.append(
                     {
                         "case": case,
+                        "masking": mm,
+                        "two_pass": tp,
                         "unwrap": uw,
                         "bgremove": bg,
                         "inversion": inv,
+                        "coverage": float(100 * (used & sig.mask).sum() / sig.mask.sum()),
+                        "nrmse_own": metrics.nrmse(chi, sig.chi, used & sig.mask),
                         "nrmse": metrics.nrmse(chi, sig.chi, common),
                         "hfen": metrics.hfen(chi, sig.chi, common),
                         "xsim": metrics.xsim(chi, sig.chi, common),
-                        "inversion_s": times[uw, bg, inv],
+                        "inversion_s": times[mm, uw, bg, inv, tp],
                     }
                 )
 
@@ -169,14 +223,41 @@ def main(argv: list[str] | None = None) -> int:
             f"metrics on {meta['common_mask_pct']:.0f} % of the brain"
         )
     print(
-        "\n| case | unwrap | bgremove | inversion | NRMSE (%) | HFEN (%) | XSIM | inversion (s) |"
+        "\n| case | masking | unwrap | bgremove | inversion | two-pass | NRMSE (%) | HFEN (%) "
+        "| XSIM | brain kept (%) | NRMSE there (%) | inversion (s) |"
     )
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['case']} | {r['unwrap']} | {r['bgremove']} | {r['inversion']} "
+            f"| {r['case']} | {r['masking']} | {r['unwrap']} | {r['bgremove']} "
+            f"| {r['inversion']} | {'yes' if r['two_pass'] else 'no'} "
             f"| {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['xsim']:.3f} "
-            f"| {r['inversion_s']:.2f} |"
+            f"| {r['coverage']:.0f} | {r['nrmse_own']:.1f} | {r['inversion_s']:.2f} |"
+        )
+    print("\nMean over the cases, best first:\n")
+    print(
+        "| masking | unwrap | bgremove | inversion | two-pass | NRMSE (%) | HFEN (%) | XSIM "
+        "| brain kept (%) | NRMSE there (%) |"
+    )
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    keys = ("masking", "unwrap", "bgremove", "inversion", "two_pass")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    means = sorted(
+        (
+            tuple(
+                float(np.mean([r[m] for r in g]))
+                for m in ("nrmse", "hfen", "xsim", "coverage", "nrmse_own")
+            ),
+            k,
+        )
+        for k, g in groups.items()
+    )
+    for (nrmse, hfen, xsim, cover, own), (mm, uw, bg, inv, tp) in means:
+        print(
+            f"| {mm} | {uw} | {bg} | {inv} | {'yes' if tp else 'no'} "
+            f"| {nrmse:.1f} | {hfen:.1f} | {xsim:.3f} | {cover:.0f} | {own:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"cases": info, "rows": rows}, indent=2))
