@@ -31,19 +31,23 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-#: Default algorithm of each stage (the one place where they are set).
-#: ROMEO with MCPC-3D-S: on the project's phantoms (small and 2 mm presets) it gives a
-#: total field within a few percent of the truth where Laplacian unwrapping is off by
-#: about half (docs/usage.md). The inversion stays RTS until the shipped adaptive U-Net
-#: beats it on the project's validation phantoms (docs/benchmarks.md).
+#: Default algorithm of each stage (the one place where they are set): the best
+#: combination that ``benchmarks/bench_accuracy.py`` measured on the head phantom's axial,
+#: oblique and anisotropic cases (docs/benchmarks.md). ROMEO with MCPC-3D-S gives a total
+#: field within a few percent of the truth where Laplacian unwrapping is off by about half;
+#: masking on ROMEO's voxel quality, PDF and TV gave the lowest NRMSE among the
+#: combinations that keep nearly all the brain. adaptive-unet becomes the default inversion
+#: only when the shipped model beats TV on the validation phantoms.
 DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
     {
         "unwrapping": "romeo",
-        "masking": "threshold",
-        "bf_removal": "vsharp",
-        "inversion": "rts",
+        "masking": "auto",  # quality with ROMEO on wrapped phase, else threshold
+        "bf_removal": "pdf",
+        "inversion": "tv",
     }
 )
+#: Masking choice that picks ``quality`` when the unwrapping makes a voxel-quality map.
+AUTO_MASKING = "auto"
 
 #: Inversion methods that are not in :data:`qsmprep.qsm.inversion.METHODS` (torch code).
 EXTRA_INVERSIONS = ("adaptive-unet",)
@@ -82,7 +86,7 @@ def method_choices() -> dict[str, tuple[str, ...]]:
 
     return {
         "unwrapping": tuple(unwrap.METHODS),
-        "masking": tuple(masking.METHODS),
+        "masking": (AUTO_MASKING, *masking.METHODS),
         "bf_removal": tuple(bgremove.METHODS),
         "inversion": tuple(inversion.METHODS) + EXTRA_INVERSIONS,
     }
@@ -227,6 +231,11 @@ class Config:
                     f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
                 )
         wf.mcpc3ds, wf.two_pass, wf.swi = bool(wf.mcpc3ds), bool(wf.two_pass), bool(wf.swi)
+        if wf.masking == AUTO_MASKING:
+            from .workflows.qsm import QUALITY_UNWRAPPING
+
+            quality = wf.input_type == "phase" and wf.unwrapping in QUALITY_UNWRAPPING
+            wf.masking = "quality" if quality else "threshold"
         from .interfaces.qsm import R2STAR_METHODS
 
         if wf.r2star not in ("off", *R2STAR_METHODS):

@@ -40,7 +40,7 @@ def test_help_shows_defaults_and_registry_choices():
     text = build_parser().format_help()
     for stage, method in DEFAULT_METHODS.items():
         assert f"(default: {method}" in text, stage
-    assert "until the shipped adaptive U-Net beats it" in " ".join(text.split())
+    assert "only when the shipped model beats the classical default" in " ".join(text.split())
     for names in method_choices().values():
         for name in names:
             assert name in text
@@ -54,7 +54,9 @@ def test_labels_are_stripped_and_defaults_apply(tmp_path):
     )  # fmt: skip
     assert cfg.execution.participant_label == ["01", "02"]
     assert cfg.execution.session_label == ["pre"]
-    assert cfg.workflow.inversion == DEFAULT_METHODS["inversion"] == "rts"
+    assert cfg.workflow.inversion == DEFAULT_METHODS["inversion"] == "tv"
+    # "auto" masking resolves to ROMEO's voxel quality when ROMEO unwraps wrapped phase
+    assert cfg.workflow.masking == "quality"
     assert cfg.execution.output_dir.is_absolute()
     assert cfg.resources.threads == cfg.resources.nprocs
     assert _exit_code([str(tmp_path), "o", "participant", "--participant-label", "0-1"]) == 64

@@ -103,8 +103,9 @@ def test_chimap_sidecar(first_run, dataset):
         assert src.startswith("bids:raw:")
         assert (dataset.root / src[len("bids:raw:") :]).is_file()
     assert len(meta["Sources"]) == 2 * len(meta["EchoTime"])
-    assert meta["DipoleInversion"]["Method"] == "rts"
-    assert meta["DipoleInversion"]["Parameters"]["delta"] == 0.15
+    assert meta["DipoleInversion"]["Method"] == "tv"
+    assert meta["DipoleInversion"]["Parameters"]["max_iter"] == 250
+    assert meta["Masking"]["Method"] == "quality"
     assert {"Unwrapping", "Masking", "BackgroundFieldRemoval", "Referencing"} <= set(meta)
     assert meta["SideInformation"] == {"VoxelSize": [4.0, 4.0, 4.0], "B0Direction": [0, 0, 1.0]}
     desc = json.loads((out / "dataset_description.json").read_text())

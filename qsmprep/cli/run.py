@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--masking",
         choices=choices["masking"],
-        help=f"brain masking (default: {DEFAULT_METHODS['masking']})",
+        help=f"brain masking (default: {DEFAULT_METHODS['masking']}: the voxel quality of "
+        "ROMEO (Otsu) when ROMEO unwraps wrapped phase, else the magnitude threshold)",
     )
     g.add_argument(
         "--bf-removal",
@@ -123,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--inversion",
         choices=choices["inversion"],
-        help=f"dipole inversion (default: {DEFAULT_METHODS['inversion']}; it stays the "
-        "default until the shipped adaptive U-Net beats it on the validation phantoms)",
+        help=f"dipole inversion (default: {DEFAULT_METHODS['inversion']}; adaptive-unet becomes "
+        "the default only when the shipped model beats the classical default on the "
+        "validation phantoms)",
     )
     g.add_argument(
         "--mcpc3ds",
