@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qsmprep.cli.train import main as train_main
+from qsmprep.nn.physics import dipole_convolve
 from qsmprep.nn.synth import (
     SynthConfig,
     SyntheticQSMDataset,
@@ -21,7 +22,6 @@ from qsmprep.nn.train import (
     batch_nrmse,
     build_model,
     compute_loss,
-    dipole_convolve,
     load_checkpoint,
     make_optimizer,
     pretrain,

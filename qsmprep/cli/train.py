@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qsmprep.nn.synth import SynthConfig
     from qsmprep.nn.train import TrainConfig
     from qsmprep.nn.transfer import TransferConfig
+    from qsmprep.nn.unet import INPUT_TRANSFORMS
 
     t, s, x = TrainConfig(), SynthConfig(), TransferConfig()
     parser = _Parser(
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=t.depth, help="U-Net levels")
     p.add_argument(
         "--no-adaptive", action="store_true", help="plain U-Net baseline (no adaptive layer)"
+    )
+    p.add_argument(
+        "--input-transform",
+        choices=INPUT_TRANSFORMS,
+        default=t.input_transform,
+        help="network input: the local field (none, as in the paper) or its TKD inversion "
+        "with each sample's dipole kernel (tkd), which the U-Net then refines",
     )
     p.add_argument("--val-every", type=int, default=t.val_every, help="steps between validations")
     p.add_argument("--val-pairs", type=int, default=t.val_pairs, help="validation pairs")
@@ -161,6 +169,7 @@ def _pretrain(args: argparse.Namespace, command: str) -> int:
         base_channels=args.base_channels,
         depth=args.depth,
         adaptive=not args.no_adaptive,
+        input_transform=args.input_transform,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

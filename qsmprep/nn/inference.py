@@ -308,8 +308,12 @@ def invert_adaptive_unet(
         dev,
     )
     net = prepare_model(model, dev)
+    side_t = torch.from_numpy(side)[None].to(dev)
     with _torch_settings(dev, nthreads), torch.inference_mode():
-        out = _blend_tiles(net, vol, torch.from_numpy(side)[None].to(dev), tshape, starts)
+        if net.input_transform != "none":  # on the whole volume, not tile by tile
+            x = net.transform_input(torch.from_numpy(vol)[None, None].to(dev), side_t)
+            vol = x[0, 0].float().cpu().numpy()
+        out = _blend_tiles(net, vol, side_t, tshape, starts)
     chi = out[: field.shape[0], : field.shape[1], : field.shape[2]]
     return np.where(mask, chi, 0).astype(np.float32)
 
@@ -321,7 +325,8 @@ def _blend_tiles(
     tshape: tuple[int, int, int],
     starts: list[list[int]],
 ) -> np.ndarray:
-    """Run ``net`` on every tile of ``vol`` and blend the outputs with :func:`_ramps`."""
+    """Run ``net.refine`` on every tile of the network input ``vol`` and blend the
+    outputs with :func:`_ramps`."""
     dev = side.device
     ramps = [_ramps(t, s) for t, s in zip(tshape, starts, strict=True)]
     wsum = [np.zeros(n, dtype=np.float32) for n in vol.shape]
@@ -334,7 +339,7 @@ def _blend_tiles(
         sl = tuple(slice(starts[ax][j], starts[ax][j] + tshape[ax]) for ax, j in enumerate(idx))
         x = torch.from_numpy(np.ascontiguousarray(vol[sl]))[None, None]
         x = x.to(dev).contiguous(memory_format=_memory_format(dev))
-        y = net(x, side)[0, 0].float().cpu().numpy()
+        y = net.refine(x, side)[0, 0].float().cpu().numpy()
         w = (
             ramps[0][idx[0]][:, None, None]
             * ramps[1][idx[1]][None, :, None]

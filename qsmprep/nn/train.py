@@ -25,7 +25,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from qsmprep.nn.inference import resolve_device
+from qsmprep.nn.physics import dipole_convolve
 from qsmprep.nn.synth import SynthConfig, SyntheticQSMDataset
 from qsmprep.nn.unet import AdaptiveUNet3d
 from qsmprep.nn.weights import save_model
-from qsmprep.qsm.dipole import DEFAULT_PAD_FACTOR, dipole_kernel, padded_shape
+from qsmprep.qsm.dipole import DEFAULT_PAD_FACTOR
 
 log = logging.getLogger("qsmprep")
 
@@ -78,6 +79,8 @@ class TrainConfig:
     base_channels: int = 16
     depth: int = 5
     adaptive: bool = True
+    #: Network input: the field ("none", the paper's) or its TKD ("tkd"), see AdaptiveUNet3d.
+    input_transform: str = "none"
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -135,35 +138,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- physics
-
-
-def dipole_kernels(
-    shape: Sequence[int], side: torch.Tensor, pad_factor: float = DEFAULT_PAD_FACTOR
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Half-spectrum dipole kernels ``(N, 1, *rfft shape)`` for each row of ``side``.
-
-    ``side`` is ``(N, 6)``: voxel size (mm) and B0 direction (voxel axes). Kernels come
-    from :func:`qsmprep.qsm.dipole.dipole_kernel` on the grid padded by ``pad_factor``,
-    which is returned too.
-    """
-    pshape = padded_shape(shape, pad_factor)
-    s = side.detach().cpu().double().numpy()
-    ks = [dipole_kernel(pshape, row[:3], row[3:]) for row in s]
-    return torch.from_numpy(np.stack(ks))[:, None], pshape
-
-
-def dipole_convolve(
-    chi: torch.Tensor, side: torch.Tensor, pad_factor: float = DEFAULT_PAD_FACTOR
-) -> torch.Tensor:
-    """Field (ppm) of ``chi`` (ppm, ``(N, 1, X, Y, Z)``), each sample with its own kernel.
-
-    Zero padded by ``pad_factor`` against wrap-around; differentiable; float32.
-    """
-    kern, pshape = dipole_kernels(chi.shape[2:], side, pad_factor)
-    x = chi.float()
-    spec = torch.fft.rfftn(x, s=pshape, dim=(-3, -2, -1)) * kern.to(x.device)
-    out = torch.fft.irfftn(spec, s=pshape, dim=(-3, -2, -1))
-    return out[..., : chi.shape[2], : chi.shape[3], : chi.shape[4]]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -263,7 +237,12 @@ def classical_reference(
 def build_model(cfg: TrainConfig) -> AdaptiveUNet3d:
     """A freshly initialised model for ``cfg`` (seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    return AdaptiveUNet3d(base_channels=cfg.base_channels, depth=cfg.depth, adaptive=cfg.adaptive)
+    return AdaptiveUNet3d(
+        base_channels=cfg.base_channels,
+        depth=cfg.depth,
+        adaptive=cfg.adaptive,
+        input_transform=cfg.input_transform,
+    )
 
 
 def make_optimizer(

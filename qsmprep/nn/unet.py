@@ -12,7 +12,11 @@ Differences from the public reference implementation:
   convolution over the batch);
 - ``residual`` is a real bool;
 - the input/output normalisation (``field_scale``, ``chi_scale``, in ppm) lives in the
-  model's buffers and config, so callers pass the local field in ppm and get chi in ppm.
+  model's buffers and config, so callers pass the local field in ppm and get chi in ppm;
+- optionally (``input_transform="tkd"``) a physics-informed input: the model first
+  inverts the field by truncated k-space division with each sample's own dipole kernel
+  (from the side information) and the U-Net refines that estimate. The default
+  (``"none"``) is the paper's network, which maps the field itself.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qsmprep.nn import physics
+
+#: Input transforms of :class:`AdaptiveUNet3d`: the field itself, or its TKD inversion.
+INPUT_TRANSFORMS = ("none", "tkd")
 
 __all__ = ["AdaptiveConv3d", "AdaptiveUNet3d", "FilterManifoldNetwork"]
 
@@ -116,10 +125,15 @@ class AdaptiveUNet3d(nn.Module):
     up, skip concatenation, 1x1x1 output convolution. The first convolution of level 1
     is ``self.adaptive`` (an :class:`AdaptiveConv3d`, or a plain ``nn.Conv3d`` when
     ``adaptive=False``). With ``residual`` the network predicts a correction to its
-    normalised input: ``chi = chi_scale * (field / field_scale + net(field / field_scale))``.
+    normalised input: ``chi = chi_scale * (x / field_scale + net(x / field_scale))``, where
+    ``x`` is the field, or with ``input_transform="tkd"`` its truncated k-space division
+    (threshold ``tkd_threshold``) computed with each sample's dipole kernel; the network
+    then refines a chi estimate and ``field_scale`` is that estimate's scale (ppm).
 
     Spatial sizes must be multiples of ``2**(depth-1)``; ``side`` is ``(N, side_dim)``
-    (or ``(side_dim,)``, shared by the batch) and is ignored when ``adaptive=False``.
+    (or ``(side_dim,)``, shared by the batch); it is ignored when ``adaptive=False`` and
+    ``input_transform="none"``. :meth:`forward` is :meth:`transform_input` then
+    :meth:`refine`; tiled inference calls them apart (the transform on the whole volume).
     """
 
     def __init__(
@@ -134,8 +148,18 @@ class AdaptiveUNet3d(nn.Module):
         adaptive: bool = True,
         field_scale: float = 0.1,
         chi_scale: float = 0.1,
+        input_transform: str = "none",
+        tkd_threshold: float = 0.15,
     ) -> None:
         super().__init__()
+        if input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(
+                f"input_transform must be one of {INPUT_TRANSFORMS}, got {input_transform!r}"
+            )
+        if input_transform == "tkd" and side_dim != 6:
+            raise ValueError("the TKD input needs the 6-vector side information")
+        if not 0 < tkd_threshold < 1:
+            raise ValueError(f"tkd_threshold must be in (0, 1), got {tkd_threshold}")
         if not isinstance(residual, bool) or not isinstance(adaptive, bool):
             raise ValueError("residual and adaptive must be bools (not strings or numbers)")
         if depth < 2:
@@ -155,8 +179,11 @@ class AdaptiveUNet3d(nn.Module):
             "side_dim": int(side_dim),
             "fmn_hidden": [int(h) for h in fmn_hidden],
             "adaptive": adaptive,
+            "input_transform": input_transform,
+            "tkd_threshold": float(tkd_threshold),
         }
         self.depth = depth
+        self.input_transform = input_transform
         self.residual = residual
         self.is_adaptive = adaptive
         self.register_buffer("field_scale", torch.tensor(float(field_scale)))
@@ -225,10 +252,10 @@ class AdaptiveUNet3d(nn.Module):
             raise ValueError(
                 f"spatial size {tuple(field.shape[2:])} is not a multiple of {m}; pad the input"
             )
-        if not self.is_adaptive:
+        if not self.is_adaptive and self.input_transform == "none":
             return None
         if side is None:
-            raise ValueError("the adaptive model needs side information (N, 6)")
+            raise ValueError("this model needs side information (N, 6)")
         d = self._config["side_dim"]
         side = side.to(field.dtype)
         if side.dim() == 1:
@@ -239,9 +266,17 @@ class AdaptiveUNet3d(nn.Module):
             )
         return side.expand(field.shape[0], d)
 
-    def forward(self, field_ppm: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+    def transform_input(self, field_ppm: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+        """The network's input (ppm) from the field: the field itself, or its TKD."""
+        if self.input_transform == "none":
+            return field_ppm
         side = self._check(field_ppm, side)
-        x = field_ppm / self.field_scale
+        return physics.tkd(field_ppm, side, self._config["tkd_threshold"]).to(field_ppm.dtype)
+
+    def refine(self, x_ppm: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net on an input made by :meth:`transform_input`; chi (ppm)."""
+        side = self._check(x_ppm, side)
+        x = x_ppm / self.field_scale
         skips: list[torch.Tensor] = []
         h = x
         for lvl, block in enumerate(self.down):
@@ -258,6 +293,9 @@ class AdaptiveUNet3d(nn.Module):
         if self.residual:
             out = out + x
         return out * self.chi_scale
+
+    def forward(self, field_ppm: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        return self.refine(self.transform_input(field_ppm, side), side)
 
     def n_parameters(self) -> int:
         """Number of trainable parameters."""
