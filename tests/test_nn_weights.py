@@ -153,3 +153,19 @@ def test_export_with_side_baked_in(tmp_path, model):
         assert torch.allclose(exported(x), ref, rtol=0, atol=1e-5 * ref.abs().max())
     with pytest.raises(ValueError, match="6 finite numbers"):
         export_model(model, tmp_path / "bad.pt2", side=[1.0, 1.0])
+
+
+def test_export_of_a_tkd_input_model_takes_the_tkd(tmp_path):
+    from qsmprep.nn.export import export_model, load_exported
+    from qsmprep.nn.physics import tkd
+
+    torch.manual_seed(3)
+    m = AdaptiveUNet3d(base_channels=4, depth=3, input_transform="tkd").eval()
+    exported, meta = load_exported(export_model(m, tmp_path / "tkd.pt2"))
+    assert meta["config"]["input_transform"] == "tkd"
+    x = torch.randn(2, 1, 8, 12, 8) * 0.03
+    side = torch.tensor([[1.0, 1, 1, 0, 0, 1], [0.7, 0.7, 2, 0.6, 0, 0.8]])
+    with torch.no_grad():
+        ref = m(x, side)
+        out = exported(tkd(x, side, meta["config"]["tkd_threshold"]), side)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * ref.abs().max())

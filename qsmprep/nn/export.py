@@ -2,10 +2,13 @@
 
 The exported program is the inference model (eval mode, batch norm folded) with a
 dynamic batch size and dynamic spatial sizes (multiples of ``2**(depth-1)``, at least
-twice that); it takes the local field in ppm and returns chi in ppm, like
-:class:`AdaptiveUNet3d`. Load it with ``torch.export.load(path).module()``; no qsmprep
-import is needed. The model's config is stored in the file's ``extra_files`` as
-``config.json``.
+twice that); it takes the network's input in ppm and returns chi in ppm: the local
+field, or, for a model with ``input_transform="tkd"``, the field's TKD
+(:func:`qsmprep.nn.physics.tkd` with the model's ``tkd_threshold``), which depends on the
+whole volume and is computed before tiling, as
+:func:`qsmprep.nn.inference.invert_adaptive_unet` does. Load it with
+``torch.export.load(path).module()``; no qsmprep import is needed. The model's config is
+stored in the file's ``extra_files`` as ``config.json``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,27 @@ from qsmprep.nn.unet import AdaptiveUNet3d
 __all__ = ["export_model", "load_exported"]
 
 
+class _Refine(nn.Module):
+    """``(network input, side) -> chi``: the model without its input transform."""
+
+    def __init__(self, net: AdaptiveUNet3d) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_ppm: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self.net.refine(x_ppm, side)
+
+
 class _FixedSide(nn.Module):
-    """``field -> chi`` with the side information stored in the module."""
+    """``network input -> chi`` with the side information stored in the module."""
 
     def __init__(self, net: AdaptiveUNet3d, side: torch.Tensor) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("side", side.reshape(1, -1))
 
-    def forward(self, field_ppm: torch.Tensor) -> torch.Tensor:
-        return self.net(field_ppm, self.side.expand(field_ppm.shape[0], -1))
+    def forward(self, x_ppm: torch.Tensor) -> torch.Tensor:
+        return self.net.refine(x_ppm, self.side.expand(x_ppm.shape[0], -1))
 
 
 def export_model(
@@ -44,10 +58,11 @@ def export_model(
 ) -> Path:
     """Write ``model`` as a ``torch.export`` program to ``path`` (``.pt2``); return the path.
 
-    With ``side=None`` the program is ``(field_ppm (N,1,X,Y,Z), side (N,6)) -> chi_ppm``;
+    With ``side=None`` the program is ``(x_ppm (N,1,X,Y,Z), side (N,6)) -> chi_ppm``;
     with a 6-vector ``side`` (voxel size in mm, unit B0 direction in voxel axes) it is
-    baked in and the program is ``field_ppm -> chi_ppm``. Spatial sizes may be any
-    multiple of ``m = 2**(depth-1)`` from ``2*m`` to ``max_size``.
+    baked in and the program is ``x_ppm -> chi_ppm``. ``x_ppm`` is the network input
+    (the field, or its TKD for ``input_transform="tkd"``: see the module docstring).
+    Spatial sizes may be any multiple of ``m = 2**(depth-1)`` from ``2*m`` to ``max_size``.
     """
     if not isinstance(model, AdaptiveUNet3d):
         raise ValueError(f"export_model needs an AdaptiveUNet3d, got {type(model).__name__}")
@@ -67,7 +82,7 @@ def export_model(
         example_side[:, :3] = 1.0
         example_side[:, 5] = 1.0
         program = torch.export.export(
-            net, (example, example_side), dynamic_shapes=(field_dims, {0: batch})
+            _Refine(net), (example, example_side), dynamic_shapes=(field_dims, {0: batch})
         )
     else:
         side_t = torch.as_tensor(side, dtype=torch.float32)
