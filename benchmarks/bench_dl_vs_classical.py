@@ -21,8 +21,8 @@ Usage::
         [--noise-ppm 0.001] [--threads 2] [--out table.md] [--json results.json]
 
 Without ``--adaptive``/``--plain`` the U-Net rows are left out. Prints a Markdown table,
-then whether the adaptive U-Net beats RTS on every case and the plain U-Net on the
-oblique and anisotropic cases (the paper's claim).
+then whether the adaptive U-Net beats RTS and TV (qsmprep's default inversion) on every
+case and the plain U-Net on the oblique and anisotropic cases (the paper's claim).
 """
 
 from __future__ import annotations
@@ -139,11 +139,16 @@ def table(rows: list[dict]) -> str:
 
 
 def verdict(rows: list[dict]) -> str:
-    """Does the adaptive U-Net beat RTS everywhere and the plain U-Net off-axis (NRMSE)?"""
+    """Does the adaptive U-Net beat RTS and TV (the CLI default) everywhere and the plain
+    U-Net off-axis (NRMSE)?"""
     by = {(r["phantom"], r["case"], r["method"]): r["nrmse"] for r in rows}
     keys = sorted({(p, c) for p, c, _ in by})
     out = []
-    for other, cases in (("rts", None), ("plain-unet", ("oblique", "anisotropic"))):
+    for other, cases in (
+        ("rts", None),
+        ("tv", None),
+        ("plain-unet", ("oblique", "anisotropic")),
+    ):
         pairs = [
             (p, c)
             for p, c in keys
