@@ -19,7 +19,8 @@ ROMEO without a mask, as the workflow does),
 ``phase.mcpc3ds``, ``unwrap.unwrap_echoes``, ``phase.fit_field``, ``phase.hz_to_ppm``,
 ``bgremove.remove_background`` and ``inversion.invert`` (or ``invert_two_pass`` with the
 unfilled mask as the reliable one) then ``inversion.reference``.
-Stages shared by several combinations run once.
+Stages shared by several combinations run once. Combinations the pipeline refuses
+(``qsmprep.workflows.qsm.check_methods``: quality masking without ROMEO) are skipped.
 
 Accuracy (:mod:`qsmprep.qsm.metrics`): NRMSE and HFEN (%) and XSIM of chi against the
 box-averaged true chi, both demeaned, inside the brain voxels that every combination of
@@ -94,6 +95,7 @@ def run_case(sig, maskings, unwraps, bgremoves, inversions, two_pass) -> tuple[d
     """
     from qsmprep.qsm import bgremove, inversion, phase, unwrap
     from qsmprep.qsm.sideinfo import SideInformation
+    from qsmprep.workflows.qsm import check_methods
 
     side = SideInformation.from_affine(sig.affine)
     vs, b0 = side.voxel_size, side.b0_direction
@@ -102,6 +104,10 @@ def run_case(sig, maskings, unwraps, bgremoves, inversions, two_pass) -> tuple[d
     chis, times = {}, {}
     for mm, (mask, reliable, romeo) in case_masks(sig, wrapped, maskings).items():
         for uw in unwraps:
+            try:  # only what the pipeline can run (quality masking needs ROMEO's map)
+                check_methods(uw, mm)
+            except ValueError:
+                continue
             if romeo is not None and uw == "romeo":
                 unwrapped = romeo.unwrapped
             else:
