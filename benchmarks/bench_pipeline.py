@@ -35,14 +35,14 @@ from qsmprep.qsm.metrics import nrmse
 
 #: One-at-a-time variants of the defaults: name -> extra qsmprep options.
 VARIANTS = {
-    "unwrapping laplacian": ["--unwrapping", "laplacian"],
+    "unwrapping laplacian": ["--unwrapping", "laplacian"],  # auto masking: threshold
     "no MCPC-3D-S": ["--no-mcpc3ds"],
-    "masking quality": ["--masking", "quality"],
-    "bf-removal pdf": ["--bf-removal", "pdf"],
+    "masking threshold": ["--masking", "threshold"],
+    "bf-removal vsharp": ["--bf-removal", "vsharp"],
     "bf-removal lbv": ["--bf-removal", "lbv"],
     "bf-removal ismv": ["--bf-removal", "ismv"],
     "inversion tkd": ["--inversion", "tkd"],
-    "inversion tv": ["--inversion", "tv"],
+    "inversion rts": ["--inversion", "rts"],
     "inversion ilsqr": ["--inversion", "ilsqr"],
     "two-pass": ["--two-pass"],
 }
