@@ -17,11 +17,10 @@ intersection of all returned masks, where the methods compare like for like. The
 share of the background field left in the result (least-squares coefficient; 1 = none
 removed) is shown as well.
 
-Oblique B0 (``--b0-tilt-deg``): the phantom's fields come from the continuous dipole
-kernel on the grid, whose periodic extension is discontinuous at the edge of k-space
-when B0 is oblique; the simulated background is then far from harmonic on the grid
-(its discrete Laplacian inside the brain is ~20x the axial one at 2 mm), which the
-SMV/Laplacian methods (V-SHARP, LBV, iSMV) cannot remove. Compare those on axial B0.
+Oblique B0 (``--b0-tilt-deg``): the phantom's fields come from qsmprep's discrete
+dipole kernel, whose fields outside the sources are harmonic on the grid for any B0
+direction (``benchmarks/bench_dipole_kernel.py``), so the SMV/Laplacian methods can be
+compared on tilted data too.
 
 Prints a markdown table. Timings depend on the machine and its load; compare methods
 within one run.
