@@ -55,8 +55,8 @@ def test_embed_init_qsm_wf_in_a_user_workflow(phantom, tmp_path):
     from qsmprep.workflows import init_qsm_wf
 
     wf = pe.Workflow(name="my_pipeline", base_dir=str(tmp_path / "work"))
-    qsm_wf = init_qsm_wf(
-        unwrapping="laplacian", masking="threshold", bf_removal="vsharp", inversion="rts"
+    qsm_wf = init_qsm_wf(  # qsmprep's defaults
+        unwrapping="romeo", mcpc3ds=True, masking="quality", bf_removal="pdf", inversion="tv"
     )
     qsm_wf.inputs.inputnode.mag_files = mags  # ordered by echo
     qsm_wf.inputs.inputnode.phase_files = phases
