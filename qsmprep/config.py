@@ -197,7 +197,11 @@ class Config:
     def _normalise(self) -> None:
         ex, res, wf = self.execution, self.resources, self.workflow
         ex.bids_dir = Path(ex.bids_dir).absolute()
+        if not ex.bids_dir.is_dir():
+            raise ConfigError(f"bids_dir is not a directory: {ex.bids_dir}")
         ex.output_dir = Path(ex.output_dir).absolute()
+        if ex.output_dir == ex.bids_dir:
+            raise ConfigError("output_dir must differ from bids_dir")
         ex.work_dir = Path(ex.work_dir).absolute()
         if ex.analysis_level not in ("participant", "group"):
             raise ConfigError(

@@ -19,6 +19,8 @@ def test_usage_errors_exit_64(tmp_path):
     assert _exit_code([]) == 64
     assert _exit_code([str(tmp_path), str(tmp_path / "o"), "participant", "--nope"]) == 64
     assert _exit_code([str(tmp_path), str(tmp_path / "o"), "subject"]) == 64
+    assert _exit_code([str(tmp_path / "missing"), str(tmp_path / "o"), "participant"]) == 64
+    assert _exit_code([str(tmp_path), str(tmp_path), "participant"]) == 64
     argv = [str(tmp_path), str(tmp_path / "o"), "participant", "--inversion", "magic"]
     assert _exit_code(argv) == 64
     assert _exit_code([str(tmp_path), str(tmp_path / "o"), "participant", "--nprocs", "0"]) == 64
