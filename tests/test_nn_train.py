@@ -246,8 +246,9 @@ def test_flipped_patches_stay_physically_consistent(derivatives):
     assert flipped >= 1
 
 
-def test_transfer_learning_freezes_the_adaptive_layer(derivatives, tmp_path):
-    base = build_model(tiny_config("unused"))
+@pytest.mark.parametrize("input_transform", ["none", "tkd"])
+def test_transfer_learning_freezes_the_adaptive_layer(derivatives, tmp_path, input_transform):
+    base = build_model(tiny_config("unused", input_transform=input_transform))
     base_path = tmp_path / "base.pt"
     save_model(base, base_path, {"description": "tiny test base"})
     before = {k: v.clone() for k, v in load_model(base_path).state_dict().items()}
