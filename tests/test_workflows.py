@@ -188,6 +188,9 @@ def test_method_record_lists_the_defaults():
     rec = method_record("inversion", "tkd")
     assert rec == {"Method": "tkd", "Parameters": {**rec["Parameters"], "threshold": 0.15}}
     json.dumps(method_record("bf_removal", "vsharp"))  # serialisable
+    threshold = method_record("masking", "threshold")["Parameters"]
+    assert threshold["erode"] == 1 and threshold["factor"] == 8.0
+    assert method_record("masking", "quality")["Parameters"]["threshold"] is None  # Otsu
 
 
 def test_quality_masking_runs_after_romeo():

@@ -116,20 +116,11 @@ def quality_mask(
     return _finish(np.nan_to_num(q) > threshold, fill_holes, erode)
 
 
-def _by_threshold(mag: np.ndarray, quality: np.ndarray | None, **params) -> np.ndarray:
-    return robust_threshold_mask(mag, **params)
-
-
-def _by_quality(mag: np.ndarray, quality: np.ndarray | None, **params) -> np.ndarray:
-    if quality is None:
-        raise ValueError("masking method 'quality' needs the ROMEO quality map")
-    return quality_mask(quality, **params)
-
-
-#: Masking methods: name -> function(mag, quality, **params) -> bool mask.
+#: Masking methods: name -> function(input, **params) -> bool mask; the input is the
+#: magnitude for "threshold" and the ROMEO voxel quality for "quality".
 METHODS: dict[str, Callable[..., np.ndarray]] = {
-    "threshold": _by_threshold,
-    "quality": _by_quality,
+    "threshold": robust_threshold_mask,
+    "quality": quality_mask,
 }
 
 
@@ -144,4 +135,8 @@ def make_mask(
     """
     if method not in METHODS:
         raise ValueError(f"unknown masking method {method!r}; choose from {sorted(METHODS)}")
-    return METHODS[method](mag, quality, **params)
+    if method == "quality":
+        if quality is None:
+            raise ValueError("masking method 'quality' needs the ROMEO quality map")
+        return quality_mask(quality, **params)
+    return METHODS[method](mag, **params)
