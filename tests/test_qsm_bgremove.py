@@ -252,7 +252,7 @@ def test_bad_input():
         bgremove.lbv(f, np.zeros_like(m), (1, 1, 1))
     with pytest.raises(ValueError, match="voxel_size"):
         bgremove.ismv(f, m, (1, 1))
-    with pytest.raises(ValueError, match="3D"):
+    with pytest.raises(ValueError, match="3-D array"):
         bgremove.vsharp(f[..., None], m[..., None], (1, 1, 1))
     with pytest.raises(ValueError, match="too small"):
         bgremove.vsharp(f, m, (1, 1, 1), radii_mm=[6.0])

@@ -39,7 +39,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .dipole import crop, dipole_kernel, pad, padded_shape
+from .dipole import check_field_mask, crop, dipole_kernel, pad, padded_shape
 from .sideinfo import check_voxel_size
 
 logger = logging.getLogger("qsmprep")
@@ -60,20 +60,8 @@ def _validate(
     field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Check shapes and values; return float32 field, bool mask and the voxel size."""
-    field = np.asarray(field)
-    mask = np.asarray(mask)
-    if field.ndim != 3:
-        raise ValueError(f"field must be a 3D array, got shape {field.shape}")
-    if mask.shape != field.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match field shape {field.shape}")
-    vs = check_voxel_size(voxel_size)
-    mask = mask.astype(bool, copy=False)
-    if not mask.any():
-        raise ValueError("mask is empty")
-    f = field.astype(np.float32, copy=False)
-    if not np.isfinite(f[mask]).all():
-        raise ValueError("field has non-finite values inside the mask")
-    return f, mask, vs
+    field, mask = check_field_mask(field, mask)
+    return field.astype(np.float32, copy=False), mask, check_voxel_size(voxel_size)
 
 
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:

@@ -25,6 +25,26 @@ GAMMA_BAR_MHZ_PER_T = 42.577478
 DEFAULT_PAD_FACTOR = 1.5
 
 
+def check_field_mask(
+    field: np.ndarray, mask: np.ndarray, what: str = "field"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(field, bool mask)`` as arrays; ValueError unless ``field`` is 3-D, ``mask`` has its
+    shape and is not empty, and ``field`` is finite inside it (``what`` names the field in
+    the message)."""
+    field = np.asarray(field)
+    mask = np.asarray(mask)
+    if field.ndim != 3:
+        raise ValueError(f"{what} must be a 3-D array, got shape {field.shape}")
+    if mask.shape != field.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match {what} shape {field.shape}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise ValueError("mask is empty")
+    if not np.isfinite(field[mask]).all():
+        raise ValueError(f"{what} has non-finite values inside the mask")
+    return field, mask
+
+
 def padded_shape(shape: Sequence[int], factor: float = DEFAULT_PAD_FACTOR) -> tuple[int, ...]:
     """Shape of at least ``factor`` times ``shape`` per axis, each a fast FFT length."""
     if factor < 1:

@@ -36,6 +36,7 @@ from scipy import ndimage
 from scipy.sparse.linalg import LinearOperator, lsmr, lsqr
 
 from .dipole import (
+    check_field_mask,
     dipole_kernel,
     kspace_grid,
     pad,
@@ -98,21 +99,6 @@ def _check_geometry(voxel_size: Sequence[float], b0_dir: Sequence[float]) -> tup
     return vs, tuple(float(v) for v in b / np.linalg.norm(b))
 
 
-def _check_field_mask(local: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    local = np.asarray(local)
-    mask = np.asarray(mask)
-    if local.ndim != 3:
-        raise ValueError(f"local field must be a 3-D array, got shape {local.shape}")
-    if mask.shape != local.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match field shape {local.shape}")
-    mask = mask.astype(bool, copy=False)
-    if not mask.any():
-        raise ValueError("mask is empty")
-    if not np.all(np.isfinite(local[mask])):
-        raise ValueError("local field has non-finite values inside the mask")
-    return local, mask
-
-
 def _setup(
     local: np.ndarray,
     mask: np.ndarray,
@@ -120,7 +106,7 @@ def _setup(
     b0_dir: Sequence[float],
     pad_factor: float,
 ) -> _Problem:
-    local, mask = _check_field_mask(local, mask)
+    local, mask = check_field_mask(local, mask, "local field")
     vs, b = _check_geometry(voxel_size, b0_dir)
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     m = mask[box]
@@ -652,7 +638,7 @@ def invert_two_pass(
     ``local`` in ppm, ``voxel_size`` in mm, ``b0_dir`` in voxel axes; returns chi (ppm),
     zero outside ``filled_mask``, not referenced.
     """
-    local, filled = _check_field_mask(local, filled_mask)
+    local, filled = check_field_mask(local, filled_mask, "local field")
     reliable = np.asarray(reliable_mask)
     if reliable.shape != filled.shape:
         raise ValueError(
