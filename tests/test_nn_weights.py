@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,13 +117,34 @@ def test_save_model_rejects_bad_arguments(tmp_path, model):
         save_model(model, tmp_path / "m.json", CARD)
 
 
-@pytest.mark.skipif(not weights.BUNDLED_MODEL.is_file(), reason="no bundled model yet")
 def test_bundled_model_loads_and_is_documented():
     card = load_card(None)
-    for key in ("training", "data", "metrics", "sha256", "architecture"):
+    for key in ("command", "training", "data", "metrics", "hardware", "sha256", "architecture"):
         assert key in card, f"bundled model card lacks {key!r}"
+    assert card["weights_file"] == weights.BUNDLED_MODEL.name
+    assert card["metrics"]["test"]["1mm"]["mean_by_case"].keys() == {
+        "axial", "oblique", "anisotropic"
+    }  # fmt: skip
     assert weights.BUNDLED_MODEL.stat().st_size < 35e6
     assert load_model(None).config == card["architecture"]["config"]
+
+
+def test_bundled_model_beats_tkd_on_held_out_pairs():
+    """The shipped weights invert unseen synthetic pairs (test split) better than TKD."""
+    from qsmprep.nn.inference import invert_adaptive_unet
+    from qsmprep.nn.synth import SynthConfig, make_pair, pair_rng
+    from qsmprep.qsm.inversion import tkd
+    from qsmprep.qsm.metrics import nrmse
+
+    cfg = SynthConfig(patch_size=(48, 48, 48), head_prob=0.0)
+    model = load_model(None)
+    ours, classical = [], []
+    for i in range(4):
+        p = make_pair(cfg, pair_rng("test", 0, i), "test")
+        chi = invert_adaptive_unet(p.field, p.mask, p.side, model, device="cpu", nthreads=1)
+        ours.append(nrmse(chi, p.chi, p.mask))
+        classical.append(nrmse(tkd(p.field, p.mask, p.voxel_size, p.b0_dir), p.chi, p.mask))
+    assert np.mean(ours) < 0.95 * np.mean(classical), (ours, classical)
 
 
 def test_export_with_side_as_input(tmp_path, model):
