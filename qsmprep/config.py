@@ -36,8 +36,8 @@ else:  # pragma: no cover - Python 3.10
 #: oblique and anisotropic cases (docs/benchmarks.md). ROMEO with MCPC-3D-S gives a total
 #: field within a few percent of the truth where Laplacian unwrapping is off by about half;
 #: masking on ROMEO's voxel quality, PDF and TV gave the lowest NRMSE among the
-#: combinations that keep nearly all the brain. adaptive-unet becomes the default inversion
-#: only when the shipped model beats TV on the validation phantoms.
+#: combinations that keep nearly all the brain. The shipped adaptive-unet beats RTS but
+#: not TV on the held-out test phantoms (docs/benchmarks.md), so TV stays the default.
 DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
     {
         "unwrapping": "romeo",

@@ -42,7 +42,7 @@ def test_help_shows_defaults_and_registry_choices():
     text = build_parser().format_help()
     for stage, method in DEFAULT_METHODS.items():
         assert f"(default: {method}" in text, stage
-    assert "only when the shipped model beats the classical default" in " ".join(text.split())
+    assert "beats RTS but not TV" in " ".join(text.split())
     for names in method_choices().values():
         for name in names:
             assert name in text

@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--inversion",
         choices=choices["inversion"],
-        help=f"dipole inversion (default: {DEFAULT_METHODS['inversion']}; adaptive-unet becomes "
-        "the default only when the shipped model beats the classical default on the "
-        "validation phantoms)",
+        help=f"dipole inversion (default: {DEFAULT_METHODS['inversion']}; adaptive-unet runs "
+        "the bundled U-Net, which beats RTS but not TV on the held-out test phantoms, so "
+        "it is not the default)",
     )
     g.add_argument(
         "--mcpc3ds",
