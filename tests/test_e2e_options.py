@@ -174,7 +174,7 @@ def test_start_from_a_field_map(dataset, tmp_path, process):
 def test_adaptive_unet_with_a_user_model(dataset, tmp_path, process, run_cli):
     torch = pytest.importorskip("torch")
     from qsmprep.nn.unet import AdaptiveUNet3d
-    from qsmprep.nn.weights import save_model
+    from qsmprep.nn.weights import file_sha256, save_model
 
     torch.manual_seed(0)
     model_path = tmp_path / "tiny.pt"
@@ -184,9 +184,22 @@ def test_adaptive_unet_with_a_user_model(dataset, tmp_path, process, run_cli):
     chi, mask = _load(anat, "Chimap"), _load(anat, "desc-brain_mask") > 0
     assert np.all(np.isfinite(chi)) and np.all(chi[~mask] == 0) and chi[mask].std() > 0
     meta = _meta(anat, "Chimap")
-    assert meta["DipoleInversion"] == {"Method": "adaptive-unet", "Model": str(model_path)}
+    assert meta["DipoleInversion"]["Model"] == str(model_path)
+    assert meta["DipoleInversion"]["ModelSHA256"] == file_sha256(model_path)
     model_path.write_bytes(model_path.read_bytes()[:-10] + b"0123456789")  # tampered
     code, err = run_cli([dataset.root, tmp_path / "bad", "participant", "-w", tmp_path / "w",
                          "--nprocs", "1", "--skip-bids-validation", "--participant-label", "01",
                          "--inversion", "adaptive-unet", "--model", model_path])  # fmt: skip
     assert code == 1 and "sha256" in err
+
+
+def test_adaptive_unet_with_the_bundled_model(dataset, tmp_path, process):
+    from qsmprep.nn.weights import BUNDLED_MODEL, file_sha256
+
+    anat = process(tmp_path, "--inversion", "adaptive-unet", "--device", "cpu")
+    chi, mask = _load(anat, "Chimap"), _load(anat, "desc-brain_mask") > 0
+    assert _meta(anat, "Chimap")["DipoleInversion"] == {
+        "Method": "adaptive-unet", "Model": "bundled", "ModelSHA256": file_sha256(BUNDLED_MODEL)
+    }  # fmt: skip
+    run = dataset.run("sub-01")
+    assert nrmse(chi, run.load_truth("chi"), mask & (run.load_truth("mask") > 0)) < 80

@@ -122,7 +122,13 @@ def init_participant_wf(
             "filled mask for the remaining voxels"
         )
     if inversion == "adaptive-unet":
+        from ..nn.weights import ModelLoadError, load_card
+
         records["inversion"]["Model"] = str(model) if model else "bundled"
+        try:  # the file is checked against this sha256 when the node loads it
+            records["inversion"]["ModelSHA256"] = load_card(model).get("sha256")
+        except ModelLoadError:
+            pass  # the inversion node fails with the reason
     with_quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
     for run in runs:
         b0 = field_strength(run, fallback_field_strength)
