@@ -1,5 +1,6 @@
 """What the benchmark scripts share: grid presets, memory readings, the head phantom's
-fields, the timed call and the worker subprocess.
+fields, the timed call, the worker subprocess, and the options and method loop of the
+per-stage benchmarks.
 
 The scripts import it as ``from _common import ...``: ``python benchmarks/bench_x.py``
 puts this folder first on ``sys.path`` (for the script and for its worker subprocesses).
@@ -7,9 +8,12 @@ puts this folder first on ``sys.path`` (for the script and for its worker subpro
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,3 +116,41 @@ def run_worker(script: str, *args: str, what: str) -> dict:
         print(run.stderr, file=sys.stderr)
         raise SystemExit(f"{what} failed (exit {run.returncode})")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def stage_parser(description: str, methods: Sequence[str]) -> argparse.ArgumentParser:
+    """The options of a per-stage benchmark that runs each of ``methods`` in a worker."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="1mm")
+    p.add_argument("--methods", nargs="+", choices=methods, default=list(methods))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--b0-tilt-deg", nargs=2, type=float, default=(0.0, 0.0))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
+    return p
+
+
+def run_methods(
+    script: str,
+    data: dict,
+    field: str,
+    methods: Sequence[str],
+    threads: int,
+    outputs: Sequence[str],
+) -> dict[str, dict]:
+    """Save ``data`` once (:func:`save_inputs`), run ``script --worker METHOD DIR`` for each
+    method in its own subprocess, and return ``{method: its stats}`` with each array that
+    the worker saved as ``DIR/{method}_{name}.npy`` for ``name`` in ``outputs``."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}_") as tmp:
+        workdir = Path(tmp)
+        save_inputs(workdir, data, field)
+        for method in methods:
+            stats = run_worker(
+                script, "--worker", method, tmp, "--threads", str(threads), what=method
+            )
+            for name in outputs:
+                stats[name] = np.load(workdir / f"{method}_{name}.npy")
+            results[method] = stats
+    return results

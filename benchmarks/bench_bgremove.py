@@ -28,21 +28,18 @@ within one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _common import (
-    PRESETS,
     grid_text,
     head_fields,
     load_inputs,
-    run_worker,
-    save_inputs,
+    run_methods,
+    stage_parser,
     timed,
     warmup_volume,
 )
@@ -87,14 +84,7 @@ def _background_left(est: np.ndarray, background: np.ndarray, m: np.ndarray) -> 
 def main(argv: list[str] | None = None) -> int:
     from qsmprep.qsm.metrics import nrmse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="1mm")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--b0-tilt-deg", nargs=2, type=float, default=(0.0, 0.0))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--worker", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
+    p = stage_parser(__doc__.split("\n")[0], METHODS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.worker[0], Path(args.worker[1]), args.threads)
@@ -105,17 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     sim_s = time.perf_counter() - t0
     mask, truth = data["mask"], data["local"]
     background = data["total"] - truth
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="bench_bgremove_") as tmp:
-        workdir = Path(tmp)
-        save_inputs(workdir, data, "total")
-        for method in args.methods:
-            stats = run_worker(
-                __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method
-            )
-            stats["local"] = np.load(workdir / f"{method}_local.npy")
-            stats["mask"] = np.load(workdir / f"{method}_mask.npy")
-            results[method] = stats
+    results = run_methods(
+        __file__, data, "total", args.methods, args.threads, outputs=("local", "mask")
+    )
     common = np.logical_and.reduce([r["mask"] for r in results.values()])
 
     grid = grid_text(mask.shape, data["voxel_size"], data["b0_dir"])

@@ -21,21 +21,18 @@ within one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _common import (
-    PRESETS,
     grid_text,
     head_fields,
     load_inputs,
-    run_worker,
-    save_inputs,
+    run_methods,
+    stage_parser,
     timed,
     warmup_volume,
 )
@@ -98,15 +95,8 @@ def accuracy(chi: np.ndarray, data: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="1mm")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--b0-tilt-deg", nargs=2, type=float, default=(0.0, 0.0))
+    p = stage_parser(__doc__.split("\n")[0], METHODS)
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise (ppm) on the field")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--worker", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.worker[0], Path(args.worker[1]), args.threads)
@@ -115,16 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = simulate(args.preset, args.seed, tuple(args.b0_tilt_deg), args.noise)
     sim_s = time.perf_counter() - t0
-    table = {}
-    with tempfile.TemporaryDirectory(prefix="bench_inversion_") as tmp:
-        workdir = Path(tmp)
-        save_inputs(workdir, data, "local")
-        for method in args.methods:
-            stats = run_worker(
-                __file__, "--worker", method, tmp, "--threads", str(args.threads), what=method
-            )
-            stats.update(accuracy(np.load(workdir / f"{method}_chi.npy"), data))
-            table[method] = stats
+    table = run_methods(__file__, data, "local", args.methods, args.threads, outputs=("chi",))
+    for stats in table.values():
+        stats.update(accuracy(stats.pop("chi"), data))
 
     mask = data["mask"]
     grid = grid_text(mask.shape, data["voxel_size"], data["b0_dir"])
