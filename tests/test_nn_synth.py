@@ -161,15 +161,20 @@ def test_bad_configuration_is_rejected():
     assert SynthConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_head_patches_come_from_the_split_s_own_phantoms():
-    cfg = SynthConfig(
+def _noise_free_heads(head_context: float) -> SynthConfig:
+    """Head patches only, 32³ at 2 mm, from one phantom, without noise."""
+    return SynthConfig(
         patch_size=(32, 32, 32),
         head_prob=1.0,
         pool_size=1,
         head_voxel_size=(2.0, 2.0, 2.0),
         noise_range=(0.0, 0.0),
-        head_context=1.0,
+        head_context=head_context,
     )
+
+
+def test_head_patches_come_from_the_split_s_own_phantoms():
+    cfg = _noise_free_heads(head_context=1.0)
     ds = SyntheticQSMDataset(cfg, split="test", seed=0)  # one 1 mm phantom build (~5 s)
     for i in range(4):
         p = ds.pair(i)
@@ -185,14 +190,7 @@ def test_head_patches_come_from_the_split_s_own_phantoms():
 
 
 def test_head_context_adds_the_field_of_the_surrounding_brain():
-    cfg = SynthConfig(
-        patch_size=(32, 32, 32),
-        head_prob=1.0,
-        pool_size=1,
-        head_voxel_size=(2.0, 2.0, 2.0),
-        noise_range=(0.0, 0.0),
-        head_context=1.5,
-    )
+    cfg = _noise_free_heads(head_context=1.5)
     p = SyntheticQSMDataset(cfg, split="test", seed=0).pair(0)
     own = simulate_local_field(p.chi, p.mask, p.voxel_size, p.b0_dir, cfg.pad_factor)
     outside = p.field - own  # the field of the brain around the patch
