@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# Without an NVIDIA GPU, take PyTorch's CPU build (a few hundred MB instead of several GB).
+# Without an NVIDIA GPU, take PyTorch's CPU build (a few hundred MB instead of several GB)
+# from PyTorch's index, when it can be reached (offline mirrors carry the CPU wheel
+# themselves, and an unreachable index costs every package several retries).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_INDEX_UP := $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1 && echo 1)
 DEMO_DIR ?= demo
 NPROCS ?= 2
 
@@ -19,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(HAVE_GPU),1)
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-else
+else ifeq ($(TORCH_INDEX_UP),1)
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+else
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
 endif
 	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $@
