@@ -160,7 +160,9 @@ def test_export_with_side_as_input(tmp_path, model):
     with torch.no_grad():
         ref = model.eval()(x, side)
         out = exported(x, side)
+        one = exported(x[1:2], side[1:2])  # a batch of one takes another code path in eager
     assert torch.allclose(out, ref, rtol=0, atol=1e-5 * ref.abs().max())
+    assert torch.allclose(one, ref[1:2], rtol=0, atol=1e-5 * ref.abs().max())
 
 
 def test_export_with_side_baked_in(tmp_path, model):

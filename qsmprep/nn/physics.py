@@ -33,8 +33,12 @@ def dipole_kernels(
     return torch.from_numpy(np.stack(ks))[:, None], pshape
 
 
-def _filter(x: torch.Tensor, kern: torch.Tensor, pshape: Sequence[int]) -> torch.Tensor:
-    """``x`` (float32) convolved with half-spectrum ``kern`` on the padded grid, cropped."""
+def apply_kernel(x: torch.Tensor, kern: torch.Tensor, pshape: Sequence[int]) -> torch.Tensor:
+    """``x`` (float32, ``(N, 1, X, Y, Z)``) convolved with the half-spectrum ``kern`` of
+    :func:`dipole_kernels` on the padded grid ``pshape``, cropped back; differentiable.
+
+    Callers that convolve many times with one kernel build it once and call this.
+    """
     spec = torch.fft.rfftn(x, s=pshape, dim=_DIMS) * kern.to(x.device)
     out = torch.fft.irfftn(spec, s=pshape, dim=_DIMS)
     return out[..., : x.shape[2], : x.shape[3], : x.shape[4]]
@@ -48,7 +52,7 @@ def dipole_convolve(
     Differentiable; float32.
     """
     kern, pshape = dipole_kernels(chi.shape[2:], side, pad_factor)
-    return _filter(chi.float(), kern, pshape)
+    return apply_kernel(chi.float(), kern, pshape)
 
 
 def tkd(
@@ -68,4 +72,4 @@ def tkd(
     kern, pshape = dipole_kernels(field.shape[2:], side, pad_factor)
     inv = torch.where(kern.abs() > threshold, 1 / kern, torch.sign(kern) / threshold)
     inv[..., 0, 0, 0] = 0
-    return _filter(field.float(), inv, pshape)
+    return apply_kernel(field.float(), inv, pshape)

@@ -21,9 +21,10 @@ Differences from the public reference implementation:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,28 @@ from qsmprep.nn import physics
 #: Input transforms of :class:`AdaptiveUNet3d`: the field itself, or its TKD inversion.
 INPUT_TRANSFORMS = ("none", "tkd")
 
-__all__ = ["AdaptiveConv3d", "AdaptiveUNet3d", "FilterManifoldNetwork"]
+__all__ = [
+    "AdaptiveConv3d",
+    "AdaptiveUNet3d",
+    "FilterManifoldNetwork",
+    "adaptive_side_override",
+    "canonical_side",
+]
+
+
+def canonical_side(side: torch.Tensor) -> torch.Tensor:
+    """Side information ``(..., 6)`` with the B0 direction's sign made canonical.
+
+    ``b`` and ``-b`` are the same physics (the dipole kernel depends on ``(k.b)^2``), so
+    the direction is flipped where its first non-zero component, in the order ``b_z``,
+    ``b_y``, ``b_x``, is negative: afterwards ``b_z >= 0`` (and ``b_y >= 0`` when
+    ``b_z = 0``). ``b`` and ``-b`` map to the same vector exactly.
+    """
+    b = side[..., 3:6]
+    bx, by, bz = b[..., 0], b[..., 1], b[..., 2]
+    sign = torch.where(bz != 0, bz.sign(), torch.where(by != 0, by.sign(), bx.sign()))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return torch.cat([side[..., :3], b * sign[..., None], side[..., 6:]], dim=-1)
 
 
 class FilterManifoldNetwork(nn.Module):
@@ -85,6 +107,9 @@ class AdaptiveConv3d(nn.Module):
         self.side_dim = side_dim
         n_out = out_channels * in_channels * kernel_size**3
         self.fmn = FilterManifoldNetwork(side_dim, hidden, n_out)
+        #: When set (a ``(side_dim,)`` tensor), used instead of the side information passed
+        #: to :meth:`kernels`: see :func:`adaptive_side_override`.
+        self.side_override: torch.Tensor | None = None
         # Start from an ordinary convolution's kernel: the output layer's bias is a
         # Kaiming-uniform kernel (as nn.Conv3d initialises) and its weights are scaled so
         # that the side information modulates that kernel by roughly 10 % between typical
@@ -96,21 +121,67 @@ class AdaptiveConv3d(nn.Module):
             nn.init.normal_(self.fmn.last.weight, std=bound / math.sqrt(hidden[-1]))
 
     def kernels(self, side: torch.Tensor) -> torch.Tensor:
-        """Per-sample kernels ``(N, out, in, k, k, k)`` for side information ``(N, side_dim)``."""
+        """Per-sample kernels ``(N, out, in, k, k, k)`` for side information ``(N, side_dim)``.
+
+        A 6-vector's B0 direction is made canonical first (:func:`canonical_side`), so
+        ``b`` and ``-b`` give the same kernel.
+        """
         k = self.kernel_size
+        if self.side_override is not None:
+            side = self.side_override.to(side).expand_as(side)
+        if self.side_dim == 6:
+            side = canonical_side(side)
         w = self.fmn(side)
         return w.view(side.shape[0], self.out_channels, self.in_channels, k, k, k)
 
     def forward(self, x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[0], x.shape[1]
+        pad = self.kernel_size // 2
+        if n == 1:  # keeps the input's memory format (channels-last runs much faster on CPU)
+            w = self.kernels(side)[0]
+            if x.is_contiguous(memory_format=torch.channels_last_3d):
+                w = w.contiguous(memory_format=torch.channels_last_3d)
+            return F.conv3d(x, w, padding=pad)
         w = self.kernels(side).reshape(n * self.out_channels, c, *([self.kernel_size] * 3))
-        y = F.conv3d(x.reshape(1, n * c, *x.shape[2:]), w, padding=self.kernel_size // 2, groups=n)
-        return y.view(n, self.out_channels, *x.shape[2:])
+        y = F.conv3d(x.reshape(1, n * c, *x.shape[2:]), w, padding=pad, groups=n)
+        y = y.view(n, self.out_channels, *x.shape[2:])
+        if x.is_contiguous(memory_format=torch.channels_last_3d):
+            y = y.contiguous(memory_format=torch.channels_last_3d)
+        return y
+
+
+@contextlib.contextmanager
+def adaptive_side_override(
+    model: AdaptiveUNet3d, side: Sequence[float] | None
+) -> Iterator[AdaptiveUNet3d]:
+    """Within the block, ``model``'s adaptive layer uses ``side`` whatever side information
+    the calls pass (``None``: no override); the TKD input transform keeps the passed one.
+
+    An ablation tool: with a wrong ``side`` here and the right one in the calls, only the
+    adaptive layer's kernel is wrong. Copies made inside the block (e.g. by
+    :func:`qsmprep.nn.inference.prepare_model`) keep the override.
+    """
+    layer = model.adaptive
+    if not isinstance(layer, AdaptiveConv3d):
+        yield model
+        return
+    old = layer.side_override
+    layer.side_override = None if side is None else torch.as_tensor(side, dtype=torch.float32)
+    try:
+        yield model
+    finally:
+        layer.side_override = old
 
 
 def _short_float(t: torch.Tensor) -> float:
     """The shortest decimal that round-trips the float32 scalar ``t`` (0.1, not 0.10000000149)."""
     return float(str(np.float32(t.item())))
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last when ``x`` is stored so (and has more than one channel), else contiguous."""
+    cl = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if cl else torch.contiguous_format
 
 
 def _conv_bn_elu(cin: int, cout: int) -> list[nn.Module]:
@@ -275,19 +346,44 @@ class AdaptiveUNet3d(nn.Module):
 
     def refine(self, x_ppm: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """The U-Net on an input made by :meth:`transform_input`; chi (ppm)."""
+        return self.decode_from(*self.features(x_ppm, side, self.depth - 1))
+
+    def features(
+        self, x_ppm: torch.Tensor, side: torch.Tensor | None, level: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The network run up to decoder ``level``: ``(x, skips, h)``.
+
+        ``x`` is the normalised input, ``skips`` the encoder outputs of levels
+        ``0..level-1`` and ``h`` the decoder's output at ``level`` (the bottleneck for
+        ``level = depth - 1``). :meth:`decode_from` finishes the pass; the two together
+        are :meth:`refine`. Per-subject fine-tuning of the upper decoder levels computes
+        these once and optimises only what follows.
+        """
+        if not 0 <= level <= self.depth - 1:
+            raise ValueError(f"level must be in 0..{self.depth - 1}, got {level}")
         side = self._check(x_ppm, side)
         x = x_ppm / self.field_scale
         skips: list[torch.Tensor] = []
         h = x
+        fmt = _memory_format_of(x)
         for lvl, block in enumerate(self.down):
-            if lvl > 0:
-                h = F.max_pool3d(h, 2)
+            if lvl > 0:  # pooling loses channels-last on CPU; the convolutions need it back
+                h = F.max_pool3d(h, 2).contiguous(memory_format=fmt)
             if lvl == 1:
                 h = self.adaptive(h, side) if self.is_adaptive else self.adaptive(h)
-            h = block(h)
+            h = block(h).contiguous(memory_format=fmt)
             if lvl < self.depth - 1:
                 skips.append(h)
-        for lvl in reversed(range(self.depth - 1)):
+        for lvl in reversed(range(level, self.depth - 1)):
+            h = self.dec[lvl](torch.cat([skips[lvl], self.up[lvl](h)], dim=1))
+        return x, skips[:level], h
+
+    def decode_from(
+        self, x: torch.Tensor, skips: Sequence[torch.Tensor], h: torch.Tensor
+    ) -> torch.Tensor:
+        """Chi (ppm) from :meth:`features`: the decoder levels below ``len(skips)``, the
+        output convolution and the residual."""
+        for lvl in reversed(range(len(skips))):
             h = self.dec[lvl](torch.cat([skips[lvl], self.up[lvl](h)], dim=1))
         out = self.head(h)
         if self.residual:
