@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,70 @@ def test_cli_transfer_and_errors(derivatives, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_main(["pretrain", "--out", str(out), "--patch-size", "16", "16"])
     assert e.value.code == 64
+
+
+# ------------------------------------------------------- training in parts, GPU script
+
+
+def test_checkpoint_outside_the_run_folder_and_finish_by(tmp_path):
+    ck = tmp_path / "scratch" / "ck.pt"
+    cfg = tiny_config(tmp_path / "run", steps=5)
+    assert pretrain(cfg, progress=False, checkpoint=ck, stop_after=2) is None
+    assert load_checkpoint(ck)["step"] == 2 and not (tmp_path / "run" / CHECKPOINT).exists()
+    # the next part finds its time budget spent at once: it writes the weights of step 2
+    res = pretrain(cfg, progress=False, checkpoint=ck, finish_by_s=1e-9)
+    card = load_card(res.weights)
+    assert res.step == 2 and card["training"]["steps"] == 2
+    assert card["training"]["planned_steps"] == 5 and card["training"]["ended_by"] == "time budget"
+    assert "nrmse" in card["metrics"]["validation"]
+    # and a later part continues the same run to its planned end
+    res = pretrain(cfg, progress=False, checkpoint=ck)
+    assert res.step == 5 and "planned_steps" not in load_card(res.weights)["training"]
+    hist = [json.loads(x) for x in (tmp_path / "run" / HISTORY).read_text().splitlines()]
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5]
+
+
+def test_training_refuses_to_write_into_the_package(tmp_path):
+    import qsmprep
+
+    inside = Path(qsmprep.__file__).parent / "nn" / "weights" / "ck.pt"
+    with pytest.raises(ValueError, match="inside the qsmprep package"):
+        pretrain(tiny_config(tmp_path / "run"), progress=False, checkpoint=inside)
+    assert not inside.exists()
+
+
+def test_cli_curves_and_ablation(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["pretrain", "--out", str(out), "--steps", "2", *TINY_CLI]) == 0
+    assert train_main(["curves", str(out), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    args = ["ablate", str(out / "model.pt"), "--out", str(tmp_path / "a.json"), "--pairs", "3",
+            "--device", "cpu"]  # fmt: skip
+    assert train_main(args) == 0
+    res = json.loads((tmp_path / "a.json").read_text())[str(out / "model.pt")]
+    assert res["pairs"] == 3 and {"right", "wrong_adaptive"} <= set(res)
+    assert "wrong side" in capsys.readouterr().out
+    assert train_main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
+
+
+@pytest.mark.slow
+def test_gpu_training_script_dry_run(tmp_path):
+    """workflows/train_gpu.sh end to end on the CPU (its --dry-run path; about a minute on
+    the loaded 2-core machine: six processes that each import torch)."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "workflows" / "train_gpu.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "out"
+    for run_name in ("adaptive", "plain"):
+        card = load_card(out / run_name / "model.pt")
+        assert card["architecture"]["config"]["input_transform"] == "none"
+        assert card["architecture"]["config"]["adaptive"] is (run_name == "adaptive")
+    assert (out / "curves.png").is_file() and (out / "train.log").is_file()
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert len(ablation) == 2

@@ -6,8 +6,16 @@ Subcommands:
   Re-running the same command resumes from ``DIR/checkpoint.pt``; ``--time-limit`` and
   SIGINT/SIGTERM stop cleanly after the current step with the checkpoint saved. The
   finished run writes ``DIR/model.pt`` and its model card ``DIR/model.json``.
+  ``--checkpoint FILE`` keeps the checkpoint elsewhere (e.g. on scratch space shared by
+  jobs that train in parts); ``--finish-by`` ends the run at a time budget with the
+  weights written.
 - ``transfer DERIVATIVES --out FILE.pt``: transfer learning on (local field, reference
   chi) pairs of a BIDS derivatives folder (:func:`qsmprep.nn.transfer.transfer_learn`).
+- ``curves RUN [RUN ...] --out FILE.png``: training loss and validation NRMSE of run
+  folders, from their ``history.jsonl``.
+- ``ablate MODEL [MODEL ...] --out FILE.json``: validation NRMSE of each model with the
+  right and with wrong side information (:func:`qsmprep.nn.train.side_ablation`), on
+  validation pairs made as its model card's training data.
 
 Exit codes: 0 done (or stopped cleanly with a checkpoint), 1 failure, 64 usage error,
 130 aborted by a second interrupt.
@@ -113,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit", type=float, default=None, metavar="HOURS",
         help="stop cleanly after this many hours (run the command again to continue)",
     )  # fmt: skip
+    p.add_argument(
+        "--finish-by", type=float, default=None, metavar="HOURS",
+        help="end the run after this many hours as if --steps were reached: the weights and "
+        "card are written (the card notes the planned steps); the checkpoint is kept",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", default=None, metavar="FILE",
+        help="the checkpoint to write and resume from (default: OUT/checkpoint.pt); not "
+        "inside the qsmprep package",
+    )  # fmt: skip
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--fp16", action="store_true", help="store the final weights in fp16")
 
@@ -140,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold this subject out for validation (repeatable)",
     )  # fmt: skip
     r.add_argument("--fp16", action="store_true", help="store the weights in fp16")
+
+    c = sub.add_parser(
+        "curves",
+        help="plot training loss and validation NRMSE of run folders",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("runs", nargs="+", help="run folders (with history.jsonl)")
+    c.add_argument("--out", required=True, help="PNG file to write")
+
+    a = sub.add_parser(
+        "ablate",
+        help="validation NRMSE with right and wrong side information",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("models", nargs="+", help="model files (.pt with their .json cards)")
+    a.add_argument("--out", required=True, help="JSON file to write")
+    a.add_argument("--pairs", type=int, default=32, help="validation pairs")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
 
@@ -186,6 +222,8 @@ def _pretrain(args: argparse.Namespace, command: str) -> int:
         command=command,
         time_limit_s=None if args.time_limit is None else args.time_limit * 3600,
         weights_dtype=torch.float16 if args.fp16 else torch.float32,
+        checkpoint=args.checkpoint,
+        finish_by_s=None if args.finish_by is None else args.finish_by * 3600,
     )
     if res is None:
         print(f"stopped with a checkpoint in {args.out}; run the same command to continue")
@@ -228,13 +266,40 @@ def _transfer(args: argparse.Namespace, command: str) -> int:
     return EXIT_OK
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from qsmprep.nn.inference import resolve_device
+    from qsmprep.nn.synth import SynthConfig, SyntheticQSMDataset
+    from qsmprep.nn.train import side_ablation
+    from qsmprep.nn.weights import load_card, load_model
+
+    if args.pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {args.pairs}")
+    device = resolve_device(args.device)
+    results = {}
+    for path in args.models:
+        card = load_card(path)
+        synth = SynthConfig.from_dict(card.get("data", {}).get("synth", SynthConfig().to_dict()))
+        seed = int(card.get("training", {}).get("seed", 0))
+        batches = SyntheticQSMDataset(synth, "val", seed, length=args.pairs, batch_size=1)
+        results[path] = side_ablation(load_model(path), batches, device)
+        r = results[path]
+        print(f"{path}: NRMSE right {r['right']:.2f} %, wrong side to the adaptive layer "
+              f"{r['wrong_adaptive']:.2f} % ({r['pairs']} validation pairs)")  # fmt: skip
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``qsmprep-train``; returns the exit code (see the module doc)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _patch(args.patch_size)
+        if args.command in ("pretrain", "transfer"):
+            _patch(args.patch_size)
     except argparse.ArgumentTypeError as e:
         parser.error(f"--patch-size: {e}")
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
@@ -243,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args, command)
+        if args.command == "curves":
+            from qsmprep.nn.train import plot_history
+
+            print(f"wrote {plot_history(args.runs, args.out)}")
+            return EXIT_OK
+        if args.command == "ablate":
+            return _ablate(args)
         return _transfer(args, command)
     except KeyboardInterrupt:
         print("qsmprep-train: aborted", file=sys.stderr)

@@ -25,7 +25,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -231,6 +231,52 @@ def classical_reference(
     return {"method": method, "nrmse": float(np.mean(scores))} if scores else {}
 
 
+#: Side information of an axial 1 mm scan: the "wrong" side of the ablation.
+AXIAL_1MM = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0)
+
+
+@torch.no_grad()
+def side_ablation(
+    model: AdaptiveUNet3d,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    wrong: Sequence[float] = AXIAL_1MM,
+) -> dict:
+    """Does the side information matter? NRMSE (%) of ``model`` on ``batches`` with each
+    pair's own side information (``right``), with ``wrong`` fed to the adaptive layer only
+    (``wrong_adaptive``; the TKD input keeps the right kernel) and, for a TKD-input model,
+    ``wrong`` everywhere (``wrong_all``). Means over all pairs and over the pairs that are
+    not axial and isotropic (``oblique_or_anisotropic``)."""
+    from qsmprep.nn.unet import adaptive_side_override
+
+    model = model.to(device).eval()
+    scores: dict[str, list[float]] = {"right": [], "wrong_adaptive": [], "wrong_all": []}
+    tilted = []
+    wrong_t = torch.tensor(wrong, dtype=torch.float32, device=device)
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        side = b["side"]
+        tilted += [
+            not (np.allclose(s[:3], s[0]) and abs(s[5]) > 0.9999) for s in side.cpu().numpy()
+        ]
+        scores["right"] += batch_nrmse(model(b["field"], side), b["chi"], b["mask"]).tolist()
+        with adaptive_side_override(model, wrong):
+            pred = model(b["field"], side)
+        scores["wrong_adaptive"] += batch_nrmse(pred, b["chi"], b["mask"]).tolist()
+        if model.input_transform != "none":
+            pred = model(b["field"], wrong_t.expand_as(side))
+            scores["wrong_all"] += batch_nrmse(pred, b["chi"], b["mask"]).tolist()
+    tilted_ = np.array(tilted, bool)
+    out: dict = {"pairs": len(tilted), "oblique_or_anisotropic_pairs": int(tilted_.sum())}
+    for key, vals in scores.items():
+        if vals:
+            v = np.array(vals)
+            out[key] = float(v.mean())
+            if tilted_.any():
+                out.setdefault("oblique_or_anisotropic", {})[key] = float(v[tilted_].mean())
+    return out
+
+
 # ------------------------------------------------------------------------------ setup
 
 
@@ -332,17 +378,28 @@ def pretrain(
     stop_after: int | None = None,
     time_limit_s: float | None = None,
     weights_dtype: torch.dtype = torch.float32,
+    checkpoint: str | Path | None = None,
+    finish_by_s: float | None = None,
 ) -> TrainResult | None:
-    """Pre-train a model as ``cfg`` says; resume from ``OUT/checkpoint.pt`` when present.
+    """Pre-train a model as ``cfg`` says; resume from the checkpoint when present.
 
-    Returns the result once ``cfg.steps`` are done (weights, stored as ``weights_dtype``,
-    and card written), or ``None`` when this call stopped early: after ``stop_after``
-    steps, after ``time_limit_s`` seconds, or on SIGINT/SIGTERM (the step in flight is
-    finished and the checkpoint saved; a second signal aborts at once). ``command`` is
-    recorded in the model card (the command line that reproduces the run).
+    The checkpoint is ``checkpoint`` (default ``OUT/checkpoint.pt``); neither it nor
+    ``OUT`` may lie inside the installed qsmprep package. Returns the result once
+    ``cfg.steps`` are done (weights, stored as ``weights_dtype``, and card written), or
+    ``None`` when this call stopped early: after ``stop_after`` steps, after
+    ``time_limit_s`` seconds, or on SIGINT/SIGTERM (the step in flight is finished and the
+    checkpoint saved; a second signal aborts at once). ``finish_by_s`` instead ends the run
+    after that many seconds as if its steps were done: the checkpoint is saved (a later
+    call with more ``steps`` continues it) and the weights and card are written, the card
+    noting the planned steps. ``command`` is recorded in the model card (the command line
+    that reproduces the run).
     """
     out = Path(cfg.out_dir)
+    ck_path = out / CHECKPOINT if checkpoint is None else Path(checkpoint)
+    for path, what in ((out, "the run folder"), (ck_path, "the checkpoint")):
+        _check_outside_package(path, what)
     out.mkdir(parents=True, exist_ok=True)
+    ck_path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -350,7 +407,6 @@ def pretrain(
     opt, sched = make_optimizer(model.parameters(), cfg)
     autocast, scaler = _amp(device)
     step, elapsed, history = 0, 0.0, []
-    ck_path = out / CHECKPOINT
     if resume and ck_path.is_file():
         ck = load_checkpoint(ck_path)
         _check_resume_config(ck["config"], cfg, ck_path)
@@ -408,10 +464,16 @@ def pretrain(
     batches = iter(loader)
     t_start = t0 = time.perf_counter()
 
+    finished_early = False
+
     def keep_going() -> bool:
+        nonlocal finished_early
         if stop_after is not None and done_here >= stop_after:
             return False
         if time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s:
+            return False
+        if finish_by_s is not None and time.perf_counter() - t_start >= finish_by_s:
+            finished_early = step > 0
             return False
         return not stop.requested
 
@@ -455,14 +517,19 @@ def pretrain(
     bar.close()
     if step < cfg.steps:
         save_checkpoint()
-        log.info("stopped at step %d of %d; checkpoint saved in %s", step, cfg.steps, ck_path)
-        return None
+        if not finished_early:
+            log.info("stopped at step %d of %d; checkpoint saved in %s", step, cfg.steps, ck_path)
+            return None
+        log.info("time budget spent at step %d of %d: writing the model", step, cfg.steps)
+        if not any("val" in h and h["step"] == step for h in history):
+            last_val = evaluate(model, val_batches, device)
     card = {
         "description": ("Adaptive U-Net" if cfg.adaptive else "Plain U-Net (no adaptive layer)")
         + " pre-trained on qsmprep's synthetic pairs (qsmprep.nn.synth)",
         "command": command or "",
         "training": {
             "steps": step,
+            **({"planned_steps": cfg.steps, "ended_by": "time budget"} if finished_early else {}),
             "time_s": round(elapsed, 1),
             "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay},
             "schedule": {
@@ -491,6 +558,53 @@ def pretrain(
     sha = save_model(model.cpu(), weights, card, dtype=weights_dtype)
     log.info("wrote %s (sha256 %s)", weights, sha)
     return TrainResult(weights, sha, step, elapsed, last_val, val_reference)
+
+
+def _check_outside_package(path: Path, what: str) -> None:
+    """Refuse ``path`` inside the installed qsmprep package (training writes elsewhere)."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        Path(path).resolve().relative_to(package)
+    except ValueError:
+        return
+    raise ValueError(f"{what} {path} is inside the qsmprep package ({package}); use a folder "
+                     "outside it")  # fmt: skip
+
+
+def plot_history(runs: Sequence[str | Path], out: str | Path) -> Path:
+    """Training curves of run folders (their ``history.jsonl``) as one PNG: the training
+    loss (mean over windows of logged steps) and the validation NRMSE, by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for run in runs:
+        path = Path(run) / HISTORY
+        if not path.is_file():
+            raise ValueError(f"no {HISTORY} in {run}")
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = np.array([r["step"] for r in recs if "loss" in r])
+        loss = np.array([r["loss"] for r in recs if "loss" in r])
+        if len(loss):
+            k = max(1, len(loss) // 50)
+            n = len(loss) // k * k
+            ax_loss.plot(steps[:n].reshape(-1, k).mean(1), loss[:n].reshape(-1, k).mean(1),
+                         label=Path(run).name)  # fmt: skip
+        val = [(r["step"], r["val"]["nrmse"]) for r in recs if r.get("val", {}).get("nrmse")]
+        if val:
+            ax_val.plot(*zip(*val, strict=True), marker="o", label=Path(run).name)
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    ax_val.set(xlabel="step", ylabel="NRMSE (%)", title="validation NRMSE")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 class _GracefulStop:
