@@ -123,6 +123,8 @@ class WorkflowConfig:
     mask_derivatives: Path | None = None
     device: str = "auto"
     model: Path | None = None
+    refine: str = DEFAULT_OPTIONS["refine"]
+    refine_steps: int | None = None
 
 
 @dataclass
@@ -237,11 +239,14 @@ class Config:
                 user_mask=self.user_mask,
                 r2star=self.r2star_method,
                 swi=wf.swi,
+                refine=wf.refine,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if wf.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, not {wf.device!r}")
+        if wf.refine_steps is not None:
+            wf.refine_steps = _positive_int(wf.refine_steps, "refine-steps")
         if wf.model is not None:
             wf.model = Path(wf.model).absolute()
             if not wf.model.is_file():

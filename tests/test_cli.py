@@ -147,3 +147,17 @@ def test_invalid_dataset_exits_16(tmp_path, capsys):
     assert main([str(root), str(tmp_path / "out"), "participant"]) == 16
     err = capsys.readouterr().err
     assert "not valid BIDS" in err and "--skip-bids-validation" in err
+
+
+def test_refine_needs_the_adaptive_unet(tmp_path):
+    ok = {"bids_dir": tmp_path, "output_dir": tmp_path / "o"}
+    with pytest.raises(ConfigError, match="refines the adaptive U-Net"):
+        Config.from_options({**ok, "refine": "finetune"})
+    with pytest.raises(ConfigError, match="refine must be one of"):
+        Config.from_options({**ok, "inversion": "adaptive-unet", "refine": "more"})
+    with pytest.raises(ConfigError, match="refine-steps must be at least 1"):
+        Config.from_options({**ok, "inversion": "adaptive-unet", "refine": "dip",
+                             "refine_steps": 0})  # fmt: skip
+    cfg = Config.from_options({**ok, "inversion": "adaptive-unet", "refine": "dip"})
+    assert cfg.workflow.refine == "dip" and cfg.workflow.refine_steps is None
+    assert "--refine {none,finetune,dip}" in build_parser().format_help()

@@ -204,3 +204,26 @@ def test_adaptive_unet_with_the_bundled_model(dataset, tmp_path, process):
     }  # fmt: skip
     run = dataset.run("sub-01")
     assert nrmse(chi, run.load_truth("chi"), mask & (run.load_truth("mask") > 0)) < 80
+
+
+def test_adaptive_unet_refinements_record_their_run(dataset, tmp_path, process):
+    """--refine finetune and dip on the small phantom (a few steps), one work directory so
+    the front end runs once; the Chimap sidecar records what each refinement did. (Their
+    accuracy is benchmarked in docs/benchmarks.md, not here: two steps change little.)"""
+    for refine in ("finetune", "dip"):
+        anat = process(tmp_path, "--inversion", "adaptive-unet", "--refine", refine,
+                       "--refine-steps", "2", "--device", "cpu")  # fmt: skip
+        chi, mask = _load(anat, "Chimap"), _load(anat, "desc-brain_mask") > 0
+        assert np.all(np.isfinite(chi)) and np.all(chi[~mask] == 0) and chi[mask].std() > 0
+        inversion = _meta(anat, "Chimap")["DipoleInversion"]
+        assert inversion["Method"] == "adaptive-unet"
+        rec = inversion["Refinement"]
+        assert rec["Method"] == refine and 1 <= rec["Steps"] <= 2
+        assert rec["Settings"]["MaxSteps"] == 2 and rec["Settings"]["Device"] == "cpu"
+        assert rec["Settings"]["DataWeight"].startswith("given weight")  # the reliability
+        assert rec["FinalLoss"]["loss"] <= rec["InitialLoss"]["loss"]
+        if refine == "finetune":  # phase compared at the mean echo time, 3 T
+            assert rec["Settings"]["ReferenceEchoTime"] == pytest.approx(0.010)
+            assert rec["Settings"]["MagneticFieldStrength"] == 3.0
+        # chi on the whole brain mask, as TV's: the unreliable rim gets a value too
+        assert (chi[mask] != 0).mean() > 0.99

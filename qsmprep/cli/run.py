@@ -34,7 +34,7 @@ from ..config import (
     method_choices,
 )
 from ..interfaces.qsm import R2STAR_METHODS
-from ..workflows.qsm import INPUT_TYPES
+from ..workflows.qsm import INPUT_TYPES, REFINE_METHODS
 
 logger = logging.getLogger("qsmprep")
 
@@ -181,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model", type=Path, metavar="PATH", help="adaptive-unet: your own weights file"
+    )
+    g.add_argument(
+        "--refine",
+        choices=REFINE_METHODS,
+        help="adaptive-unet: per-subject refinement by the measured field alone: finetune "
+        "(the model fine-tuned on this run, QSMInvNet's loss) or dip (Deep Image Prior: a "
+        "randomly initialised U-Net fitted to the field); both minutes per run on a CPU "
+        f"(default: {DEFAULT_OPTIONS['refine']}; see docs/model.md)",
+    )
+    g.add_argument(
+        "--refine-steps",
+        type=int,
+        metavar="N",
+        help="largest number of refinement steps (default: the method's, see docs/model.md)",
     )
 
     g = parser.add_argument_group("resources and execution")
@@ -375,6 +389,8 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
             swi=wf_cfg.swi,
             device=wf_cfg.device,
             model=wf_cfg.model,
+            refine=wf_cfg.refine,
+            refine_steps=wf_cfg.refine_steps,
             fallback_field_strength=ex.field_strength,
             omp_nthreads=cfg.resources.threads,
             max_mem_gb=cfg.resources.mem_gb,

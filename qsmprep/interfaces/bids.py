@@ -43,6 +43,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     out_path = traits.Str(mandatory=True, desc="path relative to base_directory (.nii.gz)")
     metadata = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="sidecar content")
     side_info = File(exists=True, desc="side information JSON, stored as SideInformation")
+    metadata_file = File(exists=True, desc="JSON object merged into the sidecar (nested keys too)")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -71,12 +72,25 @@ class DerivativesSink(SimpleInterface):
         meta = dict(self.inputs.metadata)
         if isdefined(self.inputs.side_info):
             meta["SideInformation"] = json.loads(Path(self.inputs.side_info).read_text())
+        if isdefined(self.inputs.metadata_file):
+            meta = merge_metadata(meta, json.loads(Path(self.inputs.metadata_file).read_text()))
         sidecar = out.with_name(out.name[: -len(".nii.gz")] + ".json")
         atomic_write_bytes(src.read_bytes(), out)
         atomic_write_json(meta, sidecar)
         self._results["out_file"] = str(out)
         self._results["out_meta"] = str(sidecar)
         return runtime
+
+
+def merge_metadata(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``; where both hold an object, the objects are merged."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_metadata(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:

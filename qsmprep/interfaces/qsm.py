@@ -430,11 +430,19 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="adaptive-unet device")
     model = File(exists=True, desc="adaptive-unet weights (default: the bundled model)")
     mem_gb = traits.Float(desc="memory budget (GB) for adaptive-unet tiling")
+    refine = traits.Enum(
+        "none", "finetune", "dip", usedefault=True, desc="adaptive-unet: per-subject refinement"
+    )
+    refine_steps = traits.Int(desc="refinement: largest number of steps (default: the method's)")
+    echo_times = traits.List(traits.Float, desc="refinement: echo times (s); phase at their mean")
+    field_strength = traits.Float(desc="refinement: B0 (T)")
+    magnitude = File(exists=True, desc="refinement: data weight when no weight is given")
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):
     chi_map = File(exists=True, desc="susceptibility (ppm), mean zero in out_mask")
     out_mask = File(exists=True, desc="the mask in which chi is defined")
+    record = File(exists=True, desc="JSON merged into the chi sidecar (the refinement's record)")
 
 
 class DipoleInversion(SimpleInterface):
@@ -446,6 +454,11 @@ class DipoleInversion(SimpleInterface):
     others invert on ``mask``. With ``reliable_mask``, two-pass inversion: the reliable
     voxels (inside ``mask``) from a first pass on them alone, the others from a second
     pass on ``mask``.
+
+    ``adaptive-unet`` with ``refine`` (``finetune`` or ``dip``, :mod:`qsmprep.nn.refine`)
+    is weighted the same way: chi on ``brain_mask``, the data term where ``mask`` holds
+    the field, weighted by ``weight`` (else by ``magnitude``). Its settings, steps and
+    losses go to ``record`` as ``{"DipoleInversion": {"Refinement": ...}}``.
     """
 
     input_spec = _DipoleInversionInputSpec
@@ -459,7 +472,8 @@ class DipoleInversion(SimpleInterface):
         side = read_side_info(self.inputs.side_info)
         method = self.inputs.method
         params = dict(self.inputs.params)
-        weighted = method in WEIGHTED and not isdefined(self.inputs.reliable_mask)
+        refine = method == "adaptive-unet" and self.inputs.refine != "none"
+        weighted = (method in WEIGHTED or refine) and not isdefined(self.inputs.reliable_mask)
         if weighted:
             weight = mask.astype(np.float32)
             if isdefined(self.inputs.weight):
@@ -471,7 +485,9 @@ class DipoleInversion(SimpleInterface):
             thread_limits(self.inputs.omp_nthreads),
             stage(f"dipole inversion ({method})", runtime.cwd),
         ):
-            if method == "adaptive-unet":
+            if refine:
+                chi, record = self._refine(local, mask, side, params.pop("weight"))
+            elif method == "adaptive-unet":
                 from ..nn.inference import invert_adaptive_unet
 
                 chi = invert_adaptive_unet(
@@ -505,7 +521,41 @@ class DipoleInversion(SimpleInterface):
         self._results["out_mask"] = save_like(
             mask, img, os.path.join(cwd, "mask_chi.nii.gz"), dtype=np.uint8
         )
+        self._results["record"] = os.path.join(cwd, "inversion_record.json")
+        with open(self._results["record"], "w") as f:
+            json.dump({"DipoleInversion": {"Refinement": record}} if refine else {}, f, indent=2)
         return runtime
+
+    def _refine(self, local, mask, side, weight) -> tuple[np.ndarray, dict]:
+        """Chi and record of the per-subject refinement (:func:`qsmprep.nn.refine.refine`)."""
+        from ..nn.refine import DEFAULT_B0_T, DEFAULT_TE_S, data_weight, refine
+
+        inputs = self.inputs
+        kwargs = dict(inputs.params)
+        if inputs.refine == "finetune" and isdefined(inputs.model):
+            kwargs["model"] = inputs.model
+        if isdefined(inputs.refine_steps):
+            kwargs["steps"] = inputs.refine_steps
+        if isdefined(inputs.magnitude) and not isdefined(inputs.weight):
+            # no reliability map (e.g. a field-map input): the magnitude where the field is
+            weight = weight * data_weight(mask, magnitude=load(inputs.magnitude)[0])
+        kwargs["weight"] = weight
+        if inputs.refine == "finetune":
+            tes = inputs.echo_times if isdefined(inputs.echo_times) else []
+            kwargs["te_s"] = float(np.mean(tes)) if tes else DEFAULT_TE_S
+            kwargs["b0_t"] = (
+                inputs.field_strength if isdefined(inputs.field_strength) else (DEFAULT_B0_T)
+            )
+        result = refine(
+            inputs.refine,
+            local,
+            mask,
+            side,
+            device=inputs.device,
+            nthreads=inputs.omp_nthreads,
+            **kwargs,
+        )
+        return result.chi, result.record
 
 
 #: R2* fits by name (:mod:`qsmprep.qsm.relax`).

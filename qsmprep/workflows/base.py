@@ -87,6 +87,8 @@ def init_participant_wf(
     swi: bool = False,
     device: str = "auto",
     model: Path | None = None,
+    refine: str = "none",
+    refine_steps: int | None = None,
     fallback_field_strength: float | None = None,
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
@@ -97,7 +99,9 @@ def init_participant_wf(
     ``runs`` come from :func:`qsmprep.bids.collect_runs` (or ``collect_fieldmap_runs``
     for ``input_type="fieldmap"``). ``masks`` maps each run's prefix to the user's mask
     file (``None``: masks are computed). ``r2star`` (a fit name) adds R2*/T2* maps to
-    the runs with two echoes or more; ``swi`` adds SWI and minIP.
+    the runs with two echoes or more; ``swi`` adds SWI and minIP. ``refine`` and
+    ``refine_steps`` (``adaptive-unet`` only) go to :func:`init_qsm_wf`; the refinement's
+    record joins the chi map's sidecar.
     ``fallback_field_strength`` (T) is used for runs whose sidecars lack
     ``MagneticFieldStrength``; without it such a run raises
     :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
@@ -153,6 +157,8 @@ def init_participant_wf(
             swi=swi,
             device=device,
             model=str(model) if model else None,
+            refine=refine,
+            refine_steps=refine_steps,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
             name=f"qsm_{_node_name(run.prefix)}_wf",
@@ -190,6 +196,8 @@ def init_participant_wf(
                 overwrite=True,  # always write: the output folder may have been cleaned
             )
             wf.connect(qsm_wf, f"outputnode.{field}", sink, "in_file")
+            if field == "chi_map":
+                wf.connect(qsm_wf, "outputnode.inversion_record", sink, "metadata_file")
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
     return wf

@@ -48,6 +48,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
         "two_pass": False,  # two-pass masking/inversion
         "r2star": "off",  # R2*/T2* maps: "off", "loglinear" or "arlo"
         "swi": False,  # SWI and minIP
+        "refine": "none",  # adaptive-unet: per-subject refinement (none, finetune, dip)
     }
 )
 
@@ -66,6 +67,9 @@ QUALITY_MASKING = frozenset({"quality"})
 
 #: Inversions that the two-pass scheme cannot wrap (not in qsmprep.qsm.inversion).
 NO_TWO_PASS = frozenset({"adaptive-unet"})
+
+#: Per-subject refinements of the adaptive U-Net (qsmprep.nn.refine.REFINE_METHODS).
+REFINE_METHODS = ("none", "finetune", "dip")
 
 
 def resolve_masking(masking: str, unwrapping: str, input_type: str = "phase") -> str:
@@ -87,8 +91,14 @@ def check_methods(
     user_mask: bool = False,
     r2star: str | None = None,
     swi: bool = False,
+    refine: str = "none",
 ) -> None:
     """Raise ``ValueError`` with a one-line reason for a combination that cannot run."""
+    if refine not in REFINE_METHODS:
+        raise ValueError(f"refine must be one of {', '.join(REFINE_METHODS)}, not {refine!r}")
+    if refine != "none" and inversion != "adaptive-unet":
+        raise ValueError(f"refine {refine!r} refines the adaptive U-Net: use it with inversion "
+                         "adaptive-unet")  # fmt: skip
     if input_type == "fieldmap" and (r2star or swi):
         raise ValueError("R2*/T2* and SWI need the echoes: not available from a field map")
     if input_type not in INPUT_TYPES:
@@ -120,6 +130,8 @@ def init_qsm_wf(
     swi: bool = False,
     device: str = "auto",
     model: str | None = None,
+    refine: str = DEFAULT_OPTIONS["refine"],
+    refine_steps: int | None = None,
     omp_nthreads: int = 1,
     mem_gb: float = 4.0,
     name: str = "qsm_wf",
@@ -166,6 +178,13 @@ def init_qsm_wf(
     device, model : str
         ``adaptive-unet`` only: ``auto``/``cpu``/``cuda`` and a weights file
         (``None``: the bundled model).
+    refine : str
+        ``adaptive-unet`` only: ``"none"``, ``"finetune"`` (fine-tune the model on this
+        run's field, QSMInvNet's loss) or ``"dip"`` (Deep Image Prior: a randomly
+        initialised adaptive U-Net fitted to the field); see :mod:`qsmprep.nn.refine`.
+        The field's reliability weighs the data term, as for TV.
+    refine_steps : int or None
+        Largest number of refinement steps (``None``: the method's default).
     omp_nthreads : int
         Threads of each numerical node (scipy.fft workers, numba, torch).
     mem_gb : float
@@ -210,6 +229,10 @@ def init_qsm_wf(
         R2* (1/s) and T2* (s), with ``r2star``.
     swi, minip : str
         SWI and its minIP (the magnitude's scale), with ``swi``.
+    reliability : str
+        Data weights of the total field in [0, 1] (not with ``input_type="fieldmap"``).
+    inversion_record : str
+        JSON to merge into the chi map's sidecar (the refinement's record; ``{}`` without).
     """
     masking = resolve_masking(masking, unwrapping, input_type)
     check_methods(
@@ -221,6 +244,7 @@ def init_qsm_wf(
         user_mask=user_mask,
         r2star=r2star,
         swi=swi,
+        refine=refine,
     )
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -254,6 +278,7 @@ def init_qsm_wf(
                 "swi",
                 "minip",
                 "reliability",
+                "inversion_record",
             ]
         ),
         name="outputnode",
@@ -271,6 +296,14 @@ def init_qsm_wf(
     )
     if model is not None:
         invert.inputs.model = str(model)
+    if refine != "none":
+        invert.inputs.refine = refine
+        if refine_steps is not None:
+            invert.inputs.refine_steps = int(refine_steps)
+        # the reference echo time and field of the phase loss; the magnitude as a fallback
+        # data weight where there is no reliability map
+        wf.connect([(inputnode, invert, [("echo_times", "echo_times"),
+                                         ("field_strength", "field_strength")])])  # fmt: skip
 
     # Inputs -> magnitude, side information and total field (Hz)
     if input_type == "fieldmap":
@@ -357,6 +390,8 @@ def init_qsm_wf(
     else:
         wf.connect([(brainmask, bgremove, [("out_mask", "mask")]),
                     (brainmask, invert, [("out_mask", "brain_mask")])])  # fmt: skip
+        if refine != "none":
+            wf.connect([(prep, invert, [("out_mag", "magnitude")])])
 
     if r2star:
         relax = pe.Node(Relaxometry(method=r2star), name="relaxometry", mem_gb=LIGHT_MEM_GB)
@@ -388,7 +423,8 @@ def init_qsm_wf(
                             ("out_mask", "mask")]),
         (prep, invert, [("side_info", "side_info")]),
         (invert, outputnode, [("chi_map", "chi_map"),
-                              ("out_mask", "mask")]),
+                              ("out_mask", "mask"),
+                              ("record", "inversion_record")]),
         (bgremove, outputnode, [("local_field", "local_field")]),
         (prep, outputnode, [("side_info", "side_info")]),
     ])
