@@ -9,9 +9,11 @@ import pytest
 from qsmprep.bids import (
     BIDSError,
     bids_uri,
+    check_filters,
     collect_runs,
     field_strength,
     load_layout,
+    read_metadata,
     select_participants,
 )
 
@@ -164,3 +166,79 @@ def test_not_a_dataset(tmp_path):
 def test_bids_uri(tmp_path):
     f = tmp_path / "sub-01" / "anat" / "x.nii.gz"
     assert bids_uri(f, tmp_path) == "bids:raw:sub-01/anat/x.nii.gz"
+
+
+def _two_participants(tmp_path):
+    root = _dataset(tmp_path, echoes=(1, 2), tes=(0.004, 0.008))
+    for e, te in ((1, 0.004), (2, 0.008)):
+        for part in ("mag", "phase"):
+            _write(root, f"sub-02_echo-{e}_part-{part}_MEGRE", sub="02",
+                   meta={"EchoTime": te, "MagneticFieldStrength": 3.0})  # fmt: skip
+    return root
+
+
+BROKEN = {  # what is done to sub-02's echo-2 phase -> what the message must say
+    "malformed JSON": (".json", "{bad json", r"phase_MEGRE.json is not valid JSON: .*line 1"),
+    "JSON list": (".json", "[1, 2]", "must hold a JSON object, not a list"),
+    "EchoTime list": (".json", '{"EchoTime": [0.004, 0.008]}', "EchoTime in .* is a list"),
+    "EchoTime text": (".json", '{"EchoTime": "4 ms"}', 'must be a number, not "4 ms"'),
+    "EchoTime in ms": (".json", '{"EchoTime": 8}', "EchoTime 8 .* is not in seconds"),
+    "Units not text": (".json", '{"EchoTime": 0.008, "Units": 1}', "Units .* must be a string"),
+    "zero-byte image": (".nii.gz", "", r"phase_MEGRE.nii.gz cannot be read as a NIfTI image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_file_fails_only_its_participant(tmp_path, case):
+    ext, content, message = BROKEN[case]
+    root = _two_participants(tmp_path)
+    (root / f"sub-02/anat/sub-02_echo-2_part-phase_MEGRE{ext}").write_text(content)
+    layout = load_layout(root)  # one broken sidecar does not stop the indexing
+    assert select_participants(layout) == ["01", "02"]
+    assert collect_runs(layout, "01")[0].echo_times == (0.004, 0.008)
+    with pytest.raises(BIDSError, match=message):
+        collect_runs(layout, "02")
+
+
+def test_sidecars_are_inherited_deeper_and_more_specific_last(tmp_path):
+    root = _dataset(tmp_path, echoes=(1,), tes=(0.01,), b0=None)
+    (root / "MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": 7.0, "Units": "x"}))
+    (root / "sub-01" / "sub-01_part-phase_MEGRE.json").write_text(json.dumps({"Units": "y"}))
+    (run,) = collect_runs(load_layout(root), "01")
+    assert run.field_strength == 7.0
+    assert run.phase_units == "rad"  # the file's own sidecar is the most specific
+    meta = read_metadata(run.mag_files[0], root)
+    assert meta["Units"] == "x" and meta.sources["Units"] == "MEGRE.json"
+    (root / "MEGRE.json").write_text(json.dumps({"MagneticFieldStrength": "7 T"}))
+    with pytest.raises(BIDSError, match=r'MagneticFieldStrength in MEGRE.json .* not "7 T"'):
+        collect_runs(load_layout(root), "01")
+
+
+def test_degenerate_and_non_finite_affines_are_named(tmp_path):
+    root = _dataset(tmp_path, echoes=(1,), tes=(0.01,))
+    path = root / "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    img = nb.load(path)
+    hdr = img.header.copy()
+    hdr.set_qform(None, code=0)
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [4, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]
+    hdr["sform_code"] = 1
+    nb.Nifti1Image(np.zeros(img.shape, np.float32), None, hdr).to_filename(path)
+    with pytest.raises(BIDSError, match=r"part-mag_MEGRE.nii.gz has a degenerate affine"):
+        collect_runs(load_layout(root), "01")
+    hdr["srow_y"], hdr["srow_z"] = [0, np.nan, 0, 0], [0, 0, 1, 0]
+    nb.Nifti1Image(np.zeros(img.shape, np.float32), None, hdr).to_filename(path)
+    with pytest.raises(BIDSError, match="non-finite affine"):
+        collect_runs(load_layout(root), "01")
+
+
+def test_broken_dataset_description_and_filters(tmp_path):
+    root = _dataset(tmp_path, echoes=(1,), tes=(0.01,))
+    layout = load_layout(root)
+    check_filters(layout, {"acquisition": ["hr", None], "run": 1})
+    with pytest.raises(BIDSError, match="unknown BIDS entity in the filters: colour"):
+        check_filters(layout, {"colour": "red"})
+    with pytest.raises(BIDSError, match="filter 'run' must be"):
+        check_filters(layout, {"run": {"a": 1}})
+    (root / "dataset_description.json").write_text("[]")
+    with pytest.raises(BIDSError, match="dataset_description.json must hold a JSON object"):
+        load_layout(root)
