@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -63,12 +64,15 @@ DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
-#: Exit codes (BIDS-Apps draft).
+#: Exit codes (BIDS-Apps draft, and the shell's 128 + signal number for interruptions).
 EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_FAILED = 1  # some participant failed; the others' outputs are written
+EXIT_ERROR = 2  # qsmprep itself failed outside any participant (a crash file says why)
 EXIT_INVALID = 16
 EXIT_NOTHING_SELECTED = 18
 EXIT_USAGE = 64
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class ConfigError(ValueError):
@@ -170,6 +174,8 @@ class Config:
         unknown = sorted(set(flat) - set(option_names()) - {"config_file"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        for name, value in flat.items():
+            check_type(name, value)
         sections = {}
         for name, section in _SECTIONS.items():
             own = {f.name: flat[f.name] for f in fields(section) if f.name in flat}
@@ -203,6 +209,9 @@ class Config:
         if ex.output_dir == ex.bids_dir:
             raise ConfigError("output_dir must differ from bids_dir")
         ex.work_dir = Path(ex.work_dir).absolute()
+        for what, folder in (("output_dir", ex.output_dir), ("work-dir", ex.work_dir)):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{what} {folder} exists and is not a directory")
         if ex.analysis_level not in ("participant", "group"):
             raise ConfigError(
                 f"analysis level must be participant or group, not {ex.analysis_level!r}"
@@ -284,6 +293,59 @@ _SECTIONS = {
     "workflow": WorkflowConfig,
 }
 
+#: What each setting holds (a TOML value of another type is a usage error); the rest are
+#: strings.
+_KINDS = {
+    "bids_dir": "path",
+    "output_dir": "path",
+    "work_dir": "path",
+    "bids_filter_file": "path",
+    "use_plugin": "path",
+    "mask_file": "path",
+    "mask_derivatives": "path",
+    "model": "path",
+    "config_file": "path",
+    "participant_label": "labels",
+    "session_label": "labels",
+    "skip_bids_validation": "bool",
+    "mcpc3ds": "bool",
+    "two_pass": "bool",
+    "swi": "bool",
+    "field_strength": "number",
+    "mem_gb": "number",
+    "nprocs": "integer",
+    "omp_nthreads": "integer",
+    "verbose": "integer",
+}
+
+_KIND_TEXT = {
+    "path": "a path (string)",
+    "labels": 'a label or a list of labels, as strings (e.g. ["01", "02"])',
+    "bool": "true or false",
+    "number": "a number",
+    "integer": "an integer",
+    "str": "a string",
+}
+
+
+def check_type(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` has the type of setting ``name``."""
+    kind = _KINDS.get(_key(name), "str")
+    ok = {
+        "path": lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "",
+        "labels": lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ),
+        "bool": lambda v: isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }[kind](value)
+    if not ok:
+        option = _key(name).replace("_", "-")
+        raise ConfigError(f"{option} must be {_KIND_TEXT[kind]}, not {value!r}")
+
+
 #: Fields derived from others, never set directly.
 _DERIVED = {"bids_filters", "plugin"}
 
@@ -308,7 +370,7 @@ def _labels(values: list[str] | str | None, prefix: str) -> list[str] | None:
     for v in values:
         v = str(v)
         v = v[len(prefix) :] if v.startswith(prefix) else v
-        if not v or not v.isalnum():
+        if not re.fullmatch(r"[A-Za-z0-9]+", v):
             raise ConfigError(f"label {v!r} is not alphanumeric (BIDS labels are [a-zA-Z0-9]+)")
         if v not in out:
             out.append(v)
@@ -387,4 +449,23 @@ def load_plugin(path: Path) -> dict[str, Any]:
     args = data.get("plugin_args") or {}
     if not isinstance(args, dict):
         raise ConfigError(f"plugin file {path}: plugin_args must be a mapping")
-    return {"plugin": str(data["plugin"]), "plugin_args": args}
+    name = str(data["plugin"])
+    known = nipype_plugins()
+    if name not in known:
+        raise ConfigError(
+            f"plugin file {path}: unknown nipype plugin {name!r} (known: {', '.join(known)})"
+        )
+    return {"plugin": name, "plugin_args": args}
+
+
+def nipype_plugins() -> tuple[str, ...]:
+    """Names of the execution plugins of the installed nipype (``MultiProc``, ``SLURM``...)."""
+    from nipype.pipeline import plugins
+
+    return tuple(
+        sorted(
+            n.removesuffix("Plugin")
+            for n in dir(plugins)
+            if n.endswith("Plugin") and n != "Plugin"
+        )
+    )

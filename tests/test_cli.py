@@ -1,6 +1,8 @@
 """The command line: parsing, settings, exit codes that need no processing."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +149,114 @@ def test_invalid_dataset_exits_16(tmp_path, capsys):
     assert main([str(root), str(tmp_path / "out"), "participant"]) == 16
     err = capsys.readouterr().err
     assert "not valid BIDS" in err and "--skip-bids-validation" in err
+
+
+def test_wrongly_typed_settings_are_usage_errors(tmp_path):
+    from qsmprep.config import tomllib
+
+    toml = tmp_path / "qsmprep.toml"
+    base = [str(tmp_path), str(tmp_path / "out"), "participant", "--config-file", str(toml)]
+    for line in ("participant-label = 1", 'field-strength = "3T"', 'mcpc3ds = "yes"',
+                 "nprocs = 2.5", 'omp-nthreads = "2"', "work-dir = 3"):  # fmt: skip
+        values = {k.replace("-", "_"): v for k, v in tomllib.loads(line).items()}
+        with pytest.raises(ConfigError, match="must be"):
+            Config.from_options({"bids_dir": tmp_path, "output_dir": tmp_path / "o", **values})
+        if line != 'omp-nthreads = "2"':  # argparse parses a string default like an argument
+            toml.write_text(line + "\n")
+            assert _exit_code(base) == 64, line
+    assert _exit_code(base[:3] + ["--participant-label", "ü1"]) == 64
+
+
+def test_unknown_plugin_and_output_paths_are_usage_errors(tmp_path):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProcess\n")
+    argv = [str(tmp_path), str(tmp_path / "o"), "participant", "--use-plugin", str(plugin)]
+    assert _exit_code(argv) == 64
+    with pytest.raises(ConfigError, match="unknown nipype plugin 'MultiProcess' .*MultiProc"):
+        Config.from_options({"bids_dir": tmp_path, "output_dir": tmp_path / "o",
+                             "use_plugin": plugin})  # fmt: skip
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    assert _exit_code([str(tmp_path), str(afile), "participant"]) == 64
+    assert _exit_code([str(tmp_path), str(tmp_path / "o"), "participant", "-w", str(afile)]) == 64
+
+
+def test_read_only_output_dir_exits_64(tmp_path, capsys):
+    import nibabel as nb
+    import numpy as np
+
+    root = _raw_dataset(tmp_path / "bids")
+    for part in ("mag", "phase"):
+        img = nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+        nb.save(img, root / "sub-01" / "anat" / f"sub-01_part-{part}_MEGRE.nii.gz")
+        meta = {"EchoTime": 0.01, "MagneticFieldStrength": 3.0}
+        (root / "sub-01" / "anat" / f"sub-01_part-{part}_MEGRE.json").write_text(json.dumps(meta))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    out = locked / "out"
+    if os.access(locked, os.W_OK):  # root ignores the mode: a path no one can create
+        out = Path("/proc/qsmprep-test/out")
+    argv = [str(root), str(out), "participant", "-w", str(tmp_path / "w"),
+            "--skip-bids-validation"]  # fmt: skip
+    assert main(argv) == 64
+    err = capsys.readouterr().err
+    assert f"cannot write to the output directory {out}" in err and "Traceback" not in err
+    flt = tmp_path / "filter.json"
+    flt.write_text(json.dumps({"megre": {"colour": "red"}}))
+    argv = [argv[0], str(tmp_path / "o"), *argv[2:], "--bids-filter-file", str(flt)]
+    assert main(argv) == 64
+    assert "unknown BIDS entity in the filters: colour" in capsys.readouterr().err
+
+
+def test_not_a_bids_dataset_exits_16_even_without_validation(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty"), str(tmp_path / "out"), "participant",
+            "--skip-bids-validation"]  # fmt: skip
+    assert main(argv) == 16
+    assert "not a BIDS dataset" in capsys.readouterr().err
+
+
+def test_internal_error_exits_2_with_one_line_and_a_crash_file(tmp_path, capsys, monkeypatch):
+    import qsmprep.interfaces.bids as ibids
+
+    root = _raw_dataset(tmp_path / "bids")
+    import nibabel as nb
+    import numpy as np
+
+    for part in ("mag", "phase"):
+        nb.save(nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+                root / "sub-01" / "anat" / f"sub-01_part-{part}_MEGRE.nii.gz")  # fmt: skip
+    (root / "sub-01" / "anat" / "sub-01_MEGRE.json").write_text('{"EchoTime": 0.01}')
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(ibids, "write_dataset_description", broken)
+    argv = [str(root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+            "--skip-bids-validation"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "RuntimeError: disk on fire second line" in err
+    crash = Path(err.split("crash file: ")[1].split(")")[0])
+    assert crash.parent == tmp_path / "w" / "crash"
+    assert "Traceback" in crash.read_text() and "broken" in crash.read_text()
+
+
+def test_exception_text_is_one_line():
+    from qsmprep.cli.run import exception_text
+
+    crash = """Node: sub_01_wf.qsm_sub_01_wf.prepare_echoes
+
+Traceback (most recent call last):
+\t  File "x.py", line 1, in f
+\t    raise HeaderDataError(f'Could not decompose affine:\\n{affine}')
+\t    ^^^^^^^^^^^^^
+\tnibabel.spatialimages.HeaderDataError: Could not decompose affine:
+\t[[4. 0. 0. 0.]
+\t [0. 0. 0. 1.]]
+"""
+    text = exception_text(crash.splitlines())
+    assert text == "HeaderDataError: Could not decompose affine: [[4. 0. 0. 0.] [0. 0. 0. 1.]]"
+    assert exception_text(["no traceback", "last line", ""]) == "last line"

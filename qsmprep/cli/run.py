@@ -3,8 +3,11 @@
 ``qsmprep BIDS_DIR OUTPUT_DIR participant [options]`` processes every multi-echo GRE run
 of the selected participants and writes a BIDS derivatives dataset to OUTPUT_DIR.
 Each participant runs as its own nipype workflow, so one failure never loses another
-participant's outputs. Exit codes (BIDS-Apps draft): 0 all done, 1 a participant
-failed, 16 the input dataset is not valid BIDS, 18 nothing selected, 64 usage.
+participant's outputs, and each run's outputs land together once all are written.
+Exit codes (BIDS-Apps draft): 0 all done, 1 a participant failed (the others are
+written), 2 qsmprep's own error, 16 the input dataset is not valid BIDS, 18 nothing
+selected, 64 usage, 130 / 143 interrupted by SIGINT / SIGTERM. No traceback reaches the
+terminal: an unexpected error is one line that points to a crash file.
 """
 
 from __future__ import annotations
@@ -13,16 +16,21 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import uuid
 from pathlib import Path
 
 from .. import __version__
 from ..config import (
     DEFAULT_METHODS,
     DEFAULT_OPTIONS,
+    EXIT_ERROR,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_NOTHING_SELECTED,
@@ -35,11 +43,27 @@ from ..config import (
 )
 from ..interfaces.qsm import R2STAR_METHODS
 from ..workflows.qsm import INPUT_TYPES
+from .interrupt import Interrupted, handle_signals, stop_workers
 
 logger = logging.getLogger("qsmprep")
 
 #: Validation errors listed on the terminal (the rest are counted).
 MAX_LISTED_ISSUES = 10
+
+#: Longest error message printed on one line (the crash file holds the rest).
+MAX_MESSAGE = 400
+
+#: Exit codes and their meaning, for --help and the documentation.
+EXIT_CODES = (
+    (0, "all done"),
+    (1, "some participant failed (the others are written)"),
+    (2, "qsmprep's own error (a crash file says why)"),
+    (16, "input validation failed"),
+    (18, "nothing selected"),
+    (64, "usage error"),
+    (130, "interrupted (SIGINT, Ctrl-C)"),
+    (143, "interrupted (SIGTERM)"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="qsmprep: quantitative susceptibility mapping from multi-echo GRE, "
         "as a BIDS App.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit codes: 0 all done; 1 some participant failed (the others are "
-        "written); 16 input validation failed; 18 nothing selected; 64 usage error.",
+        epilog="Exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES) + ".",
     )
     parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
@@ -311,14 +334,74 @@ def validate_bids(bids_dir: Path) -> list[str]:
     return errors
 
 
-def _crash_summary(crash_dir: Path, before: set[Path]) -> list[str]:
-    """One line per new nipype crash file: node name and the exception's last line."""
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def exception_text(lines: list[str]) -> str:
+    """The last exception of a formatted traceback (e.g. a nipype crash file) on one line:
+    ``Type: message``, a multi-line message joined."""
+    lines = [ln.lstrip("\t").rstrip() for ln in lines]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call")]
+    if not starts:
+        return _clip(next((ln for ln in reversed(lines) if ln.strip()), "?"))
+    message: list[str] = []
+    for ln in lines[starts[-1] + 1 :]:
+        if message or (ln and not ln.startswith(" ")):
+            message.append(ln)
+    head, sep, rest = " ".join(message).partition(":")
+    if sep and re.fullmatch(r"[\w.]+", head):  # drop the module path of the type
+        return _clip(f"{head.rsplit('.', 1)[-1]}:{rest}")
+    return _clip(" ".join(message) or "?")
+
+
+def write_crash_file(folder: Path | None, step: str) -> Path | None:
+    """Save the exception being handled, with its traceback, to a new crash file in
+    ``folder`` (or the temporary folder when that cannot be written); return its path."""
+    text = (
+        f"qsmprep {__version__}\nstep: {step}\ncommand: {' '.join(sys.argv)}\n\n"
+        f"{traceback.format_exc()}"
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for base in (folder, Path(tempfile.gettempdir())):
+        if base is None:
+            continue
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"crash-{stamp}-qsmprep-", suffix=".txt", dir=base)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None
+
+
+def _unexpected(step: str, error: BaseException, crash_dir: Path | None) -> str:
+    """One line for an unexpected error while ``step`` ran, after saving its crash file."""
+    crash = write_crash_file(crash_dir, step)
+    where = f"crash file: {crash}" if crash else "no crash file could be written"
+    return f"{step}: {_clip(f'{type(error).__name__}: {error}')} ({where})"
+
+
+def _crash_summary(crash_dir: Path, before: set[Path], runs: list) -> list[str]:
+    """One line per new nipype crash file: the step, the run's first file, the error."""
+    from ..workflows.base import _node_name
+
     lines = []
     for path in sorted(set(crash_dir.glob("crash-*.txt")) - before):
-        text = path.read_text(errors="replace").strip().splitlines()
+        text = path.read_text(errors="replace").splitlines()
         node = next((ln.split(":", 1)[1].strip() for ln in text if ln.startswith("Node:")), "?")
-        last = next((ln.strip() for ln in reversed(text) if ln.strip()), "?")
-        lines.append(f"{node}: {last} (crash file: {path})")
+        parts = node.split(".")
+        where = parts[-1]
+        for run in sorted(runs, key=lambda r: -len(r.prefix)):  # longest prefix first
+            name = _node_name(run.prefix)
+            if f"qsm_{name}_wf" in parts or parts[-1].startswith(f"ds_{name}_"):
+                first = Path((run.phase_files or (run.fieldmap_file,))[0]).name
+                where = f"{parts[-1]} (run of {first})"
+                break
+        lines.append(f"{where}: {exception_text(text)} (crash file: {path})")
     return lines
 
 
@@ -351,12 +434,14 @@ def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
     return None
 
 
-def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
-    """Build and run one participant's workflow; return failure lines (empty: success)."""
+def run_participant(cfg: Config, subject: str, runs: list, stage_dir: Path) -> list[str]:
+    """Build and run one participant's workflow, staging its outputs in ``stage_dir``;
+    return failure lines (empty: success)."""
     from ..bids import BIDSError
     from ..workflows import init_participant_wf
 
     ex, wf_cfg = cfg.execution, cfg.workflow
+    crash_dir = ex.work_dir / "crash" / f"sub-{subject}"
     try:
         wf = init_participant_wf(
             subject,
@@ -378,10 +463,12 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
             fallback_field_strength=ex.field_strength,
             omp_nthreads=cfg.resources.threads,
             max_mem_gb=cfg.resources.mem_gb,
+            stage_dir=stage_dir,
         )
     except (BIDSError, ValueError) as e:
         return [str(e)]
-    crash_dir = ex.work_dir / "crash" / f"sub-{subject}"
+    except Exception as e:
+        return [_unexpected("building the workflow", e, crash_dir)]
     crash_dir.mkdir(parents=True, exist_ok=True)
     wf.base_dir = str(ex.work_dir)
     wf.config["execution"].update(
@@ -397,27 +484,88 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as e:  # nipype raises RuntimeError after node crashes
-        return _crash_summary(crash_dir, before) or [f"{type(e).__name__}: {e}"]
+        lines = _crash_summary(crash_dir, before, runs)
+        return lines or [_unexpected(f"running the workflow ({plugin})", e, crash_dir)]
     return []
 
 
+def check_writable(folder: Path, what: str) -> str | None:
+    """Create ``folder`` if needed and try writing in it; return why that fails, or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write to the {what} {folder}: {e.strerror or e}"
+    return None
+
+
+class _Session:
+    """What one ``qsmprep`` invocation must undo when it stops early: its staged outputs."""
+
+    def __init__(self):
+        self.crash_dir: Path | None = None
+        self.stage_dir: Path | None = None
+
+    def remove_staged(self) -> None:
+        if self.stage_dir is None:
+            return
+        shutil.rmtree(self.stage_dir, ignore_errors=True)
+        try:  # the parent is shared with other invocations writing to the same folder
+            self.stage_dir.parent.rmdir()
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qsmprep`` console script; returns the exit code."""
+    """Entry point of the ``qsmprep`` console script; returns the exit code.
+
+    SIGINT and SIGTERM stop the worker processes, remove the outputs not yet moved into
+    place and return 130 / 143; an unexpected error returns 2 after saving a crash file.
+    Neither prints a traceback.
+    """
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    session = _Session()
+    with handle_signals():
+        try:
+            try:
+                return _main(argv, session)
+            except Exception as e:
+                line = _unexpected("internal error", e, session.crash_dir)
+                print(f"qsmprep: {line}; please report it", file=sys.stderr)
+                return EXIT_ERROR
+            finally:
+                session.remove_staged()
+        except Interrupted as e:
+            workers = stop_workers()
+            session.remove_staged()
+            print(
+                f"qsmprep: interrupted by {e.name}: stopped {workers} worker process(es) and "
+                "removed the outputs not yet complete; the same command resumes from the "
+                "work directory",
+                file=sys.stderr,
+            )
+            return e.exit_code
+
+
+def _main(argv: list[str] | None, session: _Session) -> int:
     cfg = parse_args(argv)
     _setup_logging(cfg.execution.verbose)
     ex = cfg.execution
+    session.crash_dir = ex.work_dir / "crash"
     if ex.analysis_level == "group":
         print("qsmprep: the group level is not yet available", file=sys.stderr)
         return EXIT_USAGE
 
     from ..bids import (
         BIDSError,
+        check_filters,
         collect_fieldmap_runs,
         collect_runs,
         load_layout,
         select_participants,
     )
+    from ..workflows.base import STAGE_DIRNAME
 
     collect = collect_fieldmap_runs if cfg.workflow.input_type == "fieldmap" else collect_runs
 
@@ -436,6 +584,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         layout = load_layout(ex.bids_dir)
+    except BIDSError as e:
+        print(f"qsmprep: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        check_filters(layout, ex.bids_filters)
+    except BIDSError as e:
+        print(f"qsmprep: --bids-filter-file {ex.bids_filter_file}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         subjects = select_participants(layout, ex.participant_label)
     except BIDSError as e:
         print(f"qsmprep: {e}", file=sys.stderr)
@@ -448,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
             runs = collect(layout, subject, ex.session_label, ex.bids_filters)
         except BIDSError as e:
             failures[subject] = [str(e)]
+            continue
+        except Exception as e:
+            crash_dir = session.crash_dir / f"sub-{subject}"
+            failures[subject] = [_unexpected("finding the runs", e, crash_dir)]
             continue
         if runs:
             selected[subject] = runs
@@ -472,13 +633,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..interfaces.bids import write_dataset_description
 
-    ex.output_dir.mkdir(parents=True, exist_ok=True)
-    ex.work_dir.mkdir(parents=True, exist_ok=True)
+    for folder, what in ((ex.output_dir, "output directory"), (ex.work_dir, "work directory")):
+        problem = check_writable(folder, what)
+        if problem:
+            print(f"qsmprep: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     write_dataset_description(ex.output_dir, ex.bids_dir)
+    session.stage_dir = ex.output_dir / STAGE_DIRNAME / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     for subject, runs in selected.items():
         t0 = time.perf_counter()
         logger.info("sub-%s: %d run(s)", subject, len(runs))
-        lines = run_participant(cfg, subject, runs)
+        lines = run_participant(cfg, subject, runs, session.stage_dir / f"sub-{subject}")
         if lines:
             failures[subject] = lines
         else:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +22,23 @@ from ..qsm.sideinfo import SideInformation
 logger = logging.getLogger("qsmprep")
 
 
+class ImageReadError(ValueError):
+    """An image file cannot be read (truncated, corrupt, not NIfTI); the message names it."""
+
+
 def load(path: str, dtype=np.float32) -> tuple[np.ndarray, nb.Nifti1Image]:
-    """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image."""
-    img = nb.load(path)
-    return np.asarray(img.dataobj, dtype=dtype), img
+    """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image.
+
+    A file that cannot be read raises :class:`ImageReadError` naming it.
+    """
+    try:
+        img = nb.load(path)
+        return np.asarray(img.dataobj, dtype=dtype), img
+    except (OSError, EOFError, ValueError, zlib.error, nb.filebasedimages.ImageFileError) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ImageReadError(
+            f"{os.path.basename(path)} cannot be read; the file is truncated or corrupt ({reason})"
+        ) from None
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -104,3 +120,18 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
 def atomic_write_json(obj: dict, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back within the block (they arrive when it ends), so that a
+    group of file moves is not cut in half. Outside the main thread it does nothing."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -6,15 +6,17 @@ import importlib
 import inspect
 import logging
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..bids import MEGRERun, bids_uri, field_strength
-from ..interfaces.bids import DerivativesSink
+from ..interfaces.bids import CommitRun, DerivativesSink
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
 logger = logging.getLogger("qsmprep")
@@ -26,6 +28,16 @@ STAGE_MODULES = {
     "bf_removal": "qsmprep.qsm.bgremove",
     "inversion": "qsmprep.qsm.inversion",
 }
+
+#: Folder of OUTPUT_DIR under which runs stage their outputs until all are written.
+STAGE_DIRNAME = ".qsmprep-staging"
+
+#: What follows ``<prefix>_`` in the name of every file a run may write: a new set of a
+#: run's outputs replaces all of its earlier files that match.
+RUN_OUTPUT_TAILS = (
+    r"(Chimap|desc-brain_mask|totalfield|localfield|desc-[A-Za-z0-9]+_quality"
+    r"|R2starmap|T2starmap|swi|minIP)\.(nii\.gz|json)"
+)
 
 #: Arguments of the stage functions that are data, not parameters.
 _DATA_ARGS = {
@@ -90,9 +102,15 @@ def init_participant_wf(
     fallback_field_strength: float | None = None,
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
+    stage_dir: Path | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
     """One participant: a :func:`init_qsm_wf` per run, feeding the derivatives sinks.
+
+    Each run's outputs are written to ``stage_dir`` (default: a new folder under
+    ``output_dir/.qsmprep-staging``) and moved into ``output_dir`` together, replacing the
+    run's earlier outputs, only once all of them are written (:class:`CommitRun`): a run
+    that fails leaves ``output_dir`` as it was. The caller removes ``stage_dir`` afterwards.
 
     ``runs`` come from :func:`qsmprep.bids.collect_runs` (or ``collect_fieldmap_runs``
     for ``input_type="fieldmap"``). ``masks`` maps each run's prefix to the user's mask
@@ -130,6 +148,8 @@ def init_participant_wf(
         except ModelLoadError:
             pass  # the inversion node fails with the reason
     with_quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
+    if stage_dir is None:
+        stage_dir = Path(output_dir) / STAGE_DIRNAME / f"sub-{subject}-{uuid.uuid4().hex[:8]}"
     for run in runs:
         b0 = field_strength(run, fallback_field_strength)
         run_r2star = r2star if len(run.echo_times) > 1 else None
@@ -178,20 +198,37 @@ def init_participant_wf(
             outputs += _relaxometry_outputs(run, bids_dir, run_r2star)
         if swi:
             outputs += _swi_outputs(run, bids_dir)
-        for field, out_name, meta, with_side in outputs:
+        node = _node_name(run.prefix)
+        merge = pe.Node(
+            niu.Merge(2 * len(outputs)), name=f"ds_{node}_files", run_without_submitting=True
+        )
+        commit = pe.Node(
+            CommitRun(
+                stage_dir=str(stage_dir),
+                output_dir=str(output_dir),
+                replaces=re.escape(f"{run.anat_dir}/{run.prefix}_") + RUN_OUTPUT_TAILS,
+            ),
+            name=f"ds_{node}_commit",
+            run_without_submitting=True,
+            overwrite=True,
+        )
+        wf.connect(merge, "out", commit, "in_files")
+        for i, (field, out_name, meta, with_side) in enumerate(outputs):
             sink = pe.Node(
                 DerivativesSink(
-                    base_directory=str(output_dir),
+                    base_directory=str(stage_dir),
                     out_path=f"{run.anat_dir}/{out_name}",
                     metadata=meta,
                 ),
-                name=f"ds_{_node_name(run.prefix)}_{field}",
+                name=f"ds_{node}_{field}",
                 run_without_submitting=True,
                 overwrite=True,  # always write: the output folder may have been cleaned
             )
             wf.connect(qsm_wf, f"outputnode.{field}", sink, "in_file")
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
+            wf.connect([(sink, merge, [("out_file", f"in{2 * i + 1}"),
+                                       ("out_meta", f"in{2 * i + 2}")])])  # fmt: skip
     return wf
 
 
