@@ -3,7 +3,13 @@ participant, runs that fail late or are re-run, and interruptions. No traceback 
 the terminal, and no run's outputs may land half-written or mixed with another's."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +125,93 @@ def test_commit_replaces_only_the_runs_own_files(tmp_path):
     assert sorted(new) == [str(out / anat / "sub-01_Chimap.json"),
                            str(out / anat / "sub-01_Chimap.nii.gz")]  # fmt: skip
     assert not list((stage / anat).iterdir())
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize(
+    "sig, resume",
+    [(signal.SIGTERM, False), pytest.param(signal.SIGINT, True, marks=pytest.mark.slow)],
+)
+def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
+    dataset, tmp_path, run_cli, sig, resume
+):
+    out, work = tmp_path / "out", tmp_path / "work"
+    # the bundled U-Net on one thread: an inversion that lasts seconds, in a worker
+    args = [dataset.root, out, "participant", "-w", work, "--skip-bids-validation",
+            "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args), "--nprocs", "2"],
+            stdout=stream, stderr=stream, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    inverting = work / "sub_01_wf" / "qsm_sub_01_wf" / "dipole_inversion"
+    try:
+        deadline = time.monotonic() + 180
+        while not (
+            inverting.is_dir()
+            and any(out.glob(f"{STAGE_DIRNAME}/**/sub-01_localfield.nii.gz"))
+            and _descendants(proc.pid)
+        ):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the run did not reach the inversion"
+            time.sleep(0.05)
+        workers = _descendants(proc.pid)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole process group
+        else:
+            proc.send_signal(sig)  # e.g. a batch scheduler's time limit
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert code == 128 + sig, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.splitlines()[-1].startswith(f"qsmprep: interrupted by {sig.name}: stopped")
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
+    assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01").exists()
+    if not resume:
+        return
+    # The same command resumes from the work directory: only the inversion runs again, and
+    # the outputs are those of an uninterrupted run.
+    mask_result = next(work.glob("sub_01_wf/*/background_removal/result_*.pklz"))
+    stamp = mask_result.stat().st_mtime_ns
+    code, err = run_cli([*args, "--nprocs", "1"])
+    assert code == 0, err
+    assert mask_result.stat().st_mtime_ns == stamp
+    ref = tmp_path / "ref"
+    code, err = run_cli([*args[:1], ref, "participant", "-w", tmp_path / "ref_work",
+                         *args[5:], "--nprocs", "1"])  # fmt: skip
+    assert code == 0, err
+    assert _snapshot(out / "sub-01") == _snapshot(ref / "sub-01")

@@ -3,11 +3,17 @@
 Within :func:`handle_signals` a signal raises :class:`Interrupted` in the main process,
 which unwinds the nipype run so that the caller can stop the worker processes
 (:func:`stop_workers`), remove its staged outputs and exit with 128 + the signal number.
-Worker processes forked from it inherit the handler and exit at once, quietly.
+nipype turns any exception of a node that runs in the main process (``Linear``, the
+sinks) into a node failure, so the signal is also remembered and raised again at the next
+node's start or end (:func:`status_callback`) and after the run (:func:`check_interrupted`).
+Worker processes forked from the main process inherit the handler: they leave SIGINT
+(Ctrl-C reaches the whole process group) to the main process, which terminates them, and
+exit at once, quietly, on SIGTERM.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -17,6 +23,12 @@ from contextlib import contextmanager
 
 #: Signals that interrupt a run.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: The signal received within :func:`handle_signals` (empty: none yet).
+_received: list[int] = []
+
+#: Whether an interruption has broken nipype's process pool in this process (for good).
+_pool_broken: list[bool] = []
 
 
 class Interrupted(BaseException):
@@ -36,6 +48,33 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+class _PoolLog(logging.Filter):
+    """``concurrent.futures`` logs a traceback when a worker of nipype's process pool dies:
+    drop it once an interruption broke the pool on purpose (such records arrive late),
+    shorten it to one line otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _pool_broken:
+            return False
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg, record.args = (
+                "qsmprep: a worker process failed: %s: %s",
+                (
+                    type(error).__name__,
+                    error,
+                ),
+            )
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_POOL_LOG = _PoolLog()
+
+#: nipype's logger, which would report the interrupted node as a failure.
+_NIPYPE = logging.getLogger("nipype.workflow")
+
+
 @contextmanager
 def handle_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`Interrupted` within the block (main thread only;
@@ -45,27 +84,51 @@ def handle_signals() -> Iterator[None]:
         yield
         return
     main_pid = os.getpid()
-    raised = []
+    _received.clear()
 
     def handler(signum, frame):
         if os.getpid() != main_pid:  # a forked nipype worker: the main process cleans up
+            if signum == signal.SIGINT:
+                return  # the main process got it too, and terminates the workers
             os._exit(128 + signum)
-        if not raised:
-            raised.append(signum)
+        if not _received:
+            _received.append(signum)
+            _pool_broken.append(True)
+            _NIPYPE.disabled = True
             raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    nipype_disabled = _NIPYPE.disabled
+    pool_log = logging.getLogger("concurrent.futures")
+    pool_log.addFilter(_POOL_LOG)
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _received.clear()
+        _NIPYPE.disabled = nipype_disabled
+        if not _pool_broken:
+            pool_log.removeFilter(_POOL_LOG)
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived (and was swallowed on its way up)."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+def status_callback(node, status: str) -> None:
+    """nipype's per-node status hook: stop at the next node once a signal arrived."""
+    check_interrupted()
 
 
 def stop_workers(timeout: float = 10.0) -> int:
     """Terminate this process's child processes (nipype's workers), then kill those still
     alive after ``timeout`` seconds; return how many there were."""
     children = multiprocessing.active_children()
+    if children:
+        _pool_broken.append(True)
     for child in children:
         child.terminate()
     for child in children:

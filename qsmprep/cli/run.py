@@ -43,7 +43,13 @@ from ..config import (
 )
 from ..interfaces.qsm import R2STAR_METHODS
 from ..workflows.qsm import INPUT_TYPES
-from .interrupt import Interrupted, handle_signals, stop_workers
+from .interrupt import (
+    Interrupted,
+    check_interrupted,
+    handle_signals,
+    status_callback,
+    stop_workers,
+)
 
 logger = logging.getLogger("qsmprep")
 
@@ -406,6 +412,8 @@ def _crash_summary(crash_dir: Path, before: set[Path], runs: list) -> list[str]:
 
 
 def _plugin(cfg: Config) -> tuple[str, dict]:
+    """nipype plugin and its arguments; every plugin reports node status to
+    :func:`~qsmprep.cli.interrupt.status_callback`, which stops the run after a signal."""
     res = cfg.resources
     if res.plugin:
         name, args = res.plugin["plugin"], dict(res.plugin["plugin_args"])
@@ -413,13 +421,14 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
             args.setdefault("n_procs", res.nprocs)
             if res.mem_gb is not None:
                 args.setdefault("memory_gb", res.mem_gb)
-        return name, args
-    if res.nprocs == 1:
-        return "Linear", {}
-    args = {"n_procs": res.nprocs, "raise_insufficient": False}
-    if res.mem_gb is not None:
-        args["memory_gb"] = res.mem_gb
-    return "MultiProc", args
+    elif res.nprocs == 1:
+        name, args = "Linear", {}
+    else:
+        name, args = "MultiProc", {"n_procs": res.nprocs, "raise_insufficient": False}
+        if res.mem_gb is not None:
+            args["memory_gb"] = res.mem_gb
+    args["status_callback"] = status_callback
+    return name, args
 
 
 def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
@@ -484,8 +493,10 @@ def run_participant(cfg: Config, subject: str, runs: list, stage_dir: Path) -> l
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as e:  # nipype raises RuntimeError after node crashes
+        check_interrupted()  # a signal that nipype took for a node failure
         lines = _crash_summary(crash_dir, before, runs)
         return lines or [_unexpected(f"running the workflow ({plugin})", e, crash_dir)]
+    check_interrupted()
     return []
 
 
@@ -539,10 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as e:
             workers = stop_workers()
             session.remove_staged()
+            stopped = f"stopped {workers} worker process(es), " if workers else ""
             print(
-                f"qsmprep: interrupted by {e.name}: stopped {workers} worker process(es) and "
-                "removed the outputs not yet complete; the same command resumes from the "
-                "work directory",
+                f"qsmprep: interrupted by {e.name}: {stopped}removed the unfinished outputs; "
+                "run the same command again to resume from the work directory",
                 file=sys.stderr,
             )
             return e.exit_code
