@@ -29,47 +29,103 @@ def wrap(phase: np.ndarray) -> np.ndarray:
     return (phase + np.pi) % (2 * np.pi) - np.pi
 
 
-def scale_phase(data: np.ndarray, units: str | None = None) -> tuple[np.ndarray, str]:
+#: Integer ranges that scanners store phase in: (lowest, highest value, radians per unit,
+#: name). Data are recognised as one of them only when they reach near both of its ends.
+INTEGER_PHASE_RANGES = (
+    (-4096, 4095, np.pi / 4096, "-4096..4095 (Siemens) scaled by pi/4096"),
+    (0, 4095, 2 * np.pi / 4096, "0..4095 (12-bit) scaled by 2pi/4096"),
+    (-2048, 2047, np.pi / 2048, "-2048..2047 (12-bit signed) scaled by pi/2048"),
+    (-3142, 3142, 1e-3, "-3142..3142 (milliradians) scaled by 1/1000"),
+    (0, 6283, 1e-3, "0..6283 (milliradians) scaled by 1/1000"),
+    (-32768, 32767, np.pi / 32768, "-32768..32767 (16-bit) scaled by pi/32768"),
+    (0, 65535, 2 * np.pi / 65536, "0..65535 (16-bit) scaled by 2pi/65536"),
+)
+
+#: How close (fraction of the range) the data must come to both ends of a range.
+RANGE_END_FRACTION = 0.05
+
+#: Sidecar ``Units`` that say how to read the phase: radians per stored unit.
+PHASE_UNITS = {
+    "rad": 1.0,
+    "radian": 1.0,
+    "radians": 1.0,
+    "mrad": 1e-3,
+    "milliradian": 1e-3,
+    "milliradians": 1e-3,
+    "deg": np.pi / 180,
+    "degree": np.pi / 180,
+    "degrees": np.pi / 180,
+}
+
+
+def scale_phase(
+    data: np.ndarray, units: str | None = None, scale: float | None = None
+) -> tuple[np.ndarray, str]:
     """Convert stored phase to radians in ``[-pi, pi)``; return it with how it was scaled.
 
-    - values already within ``[-pi, pi]`` or ``[0, 2 pi]`` are radians and pass through;
-    - integer-valued data (vendor ranges such as Siemens' -4096..4095) are scaled by
-      ``pi / 2^n`` (signed) or ``2 pi / 2^n`` (unsigned), with ``2^n`` the smallest power
-      of two that holds the largest magnitude. The range is never min/max-rescaled;
-    - anything else raises :class:`PhaseScalingError`.
+    - ``scale`` (radians per stored unit, e.g. ``pi / 4096``), when given, is used as is;
+    - values within ``[-pi, pi]`` or ``[0, 2 pi]`` are radians and pass through;
+    - ``units`` (the sidecar's ``Units``) ``"mrad"`` or ``"deg"`` give the scaling;
+    - integer-valued data must span one of :data:`INTEGER_PHASE_RANGES` (reach within 5 %
+      of both its ends, as wrapped phase does): Siemens' -4096..4095, milliradians
+      -3142..3142, ... The range is never min/max-rescaled;
+    - anything else raises :class:`PhaseScalingError`, which suggests ``--phase-scale``.
 
-    ``units`` is the sidecar's ``Units`` ("rad", "arbitrary", ...). ``"rad"`` with values
-    beyond 2 pi is an error rather than a guess.
+    Non-finite values are ignored when the range is detected and stay non-finite.
+    ``"rad"`` with values beyond 2 pi is an error rather than a guess.
     """
     x = np.asarray(data)
     finite = x[np.isfinite(x)]
     if finite.size == 0:
         raise PhaseScalingError("phase image has no finite values")
+    if scale is not None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise PhaseScalingError(f"phase scale must be a positive number, not {scale}")
+        return _wrap_scaled(x, scale), f"scaled by {scale:.6g} rad per unit (--phase-scale)"
     lo, hi = float(finite.min()), float(finite.max())
     if lo >= -np.pi - _RAD_TOL and hi <= np.pi + _RAD_TOL:
-        return wrap(x.astype(np.float32)), "radians [-pi, pi]"
+        return _wrap_scaled(x, 1.0), "radians [-pi, pi]"
     if lo >= -_RAD_TOL and hi <= 2 * np.pi + _RAD_TOL:
-        return wrap(x.astype(np.float32)), "radians [0, 2pi]"
-    if units is not None and units.lower() in ("rad", "radian", "radians"):
+        return _wrap_scaled(x, 1.0), "radians [0, 2pi]"
+    unit = PHASE_UNITS.get((units or "").strip().lower())
+    if unit == 1.0:
         raise PhaseScalingError(
-            f"phase is labelled in radians but spans {lo:g}..{hi:g}, beyond 2*pi"
+            f"phase is labelled in radians but spans {lo:g}..{hi:g}, beyond 2*pi; "
+            "pass --phase-scale (radians per stored unit) if the label is wrong"
         )
+    if unit is not None:
+        return _wrap_scaled(x, unit), f"Units {units!r}: scaled by {unit:.6g}"
     integer_valued = np.issubdtype(x.dtype, np.integer) or bool(
         np.all(np.abs(finite - np.round(finite)) < 1e-3)
     )
+    hint = (
+        "set the sidecar's Units (rad, mrad, deg) or pass --phase-scale with the radians per "
+        "stored unit (e.g. pi/4096)"
+    )
     if not integer_valued:
         raise PhaseScalingError(
-            f"phase spans {lo:g}..{hi:g}: neither radians nor an integer vendor range"
+            f"phase spans {lo:g}..{hi:g}: neither radians nor an integer vendor range; {hint}"
         )
-    if lo < 0:
-        n = int(np.ceil(np.log2(max(-lo, hi + 1))))
-        scale = np.pi / 2**n
-        how = f"integer range -{2**n}..{2**n - 1} scaled by pi/{2**n}"
-    else:
-        n = int(np.ceil(np.log2(hi + 1)))
-        scale = 2 * np.pi / 2**n
-        how = f"integer range 0..{2**n - 1} scaled by 2pi/{2**n}"
-    return wrap((x.astype(np.float64) * scale).astype(np.float32)), how
+    matches = [
+        (scale_, how)
+        for low, high, scale_, how in INTEGER_PHASE_RANGES
+        if low - 1 <= lo <= low + RANGE_END_FRACTION * (high - low)
+        and high - RANGE_END_FRACTION * (high - low) <= hi <= high + 1
+    ]
+    if len(matches) != 1:
+        known = ", ".join(f"{low}..{high}" for low, high, _, _ in INTEGER_PHASE_RANGES)
+        raise PhaseScalingError(
+            f"integer phase spans {lo:g}..{hi:g}, which is not one of the known ranges "
+            f"({known}) reached at both ends; {hint}"
+        )
+    scale_, how = matches[0]
+    return _wrap_scaled(x, scale_), f"integer range {how}"
+
+
+def _wrap_scaled(x: np.ndarray, scale: float) -> np.ndarray:
+    """``wrap(x * scale)`` as float32; non-finite values stay non-finite, silently."""
+    with np.errstate(invalid="ignore"):
+        return wrap((np.asarray(x, dtype=np.float64) * scale).astype(np.float32))
 
 
 def rad_to_hz(phase: np.ndarray, te: float) -> np.ndarray:
