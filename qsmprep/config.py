@@ -18,6 +18,7 @@ The defaults of the processing choices live in :data:`DEFAULT_METHODS` and nowhe
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -153,6 +154,8 @@ class WorkflowConfig:
     mask_derivatives: Path | None = None
     device: str = "auto"
     model: Path | None = None
+    phase_sign: str = "auto"
+    phase_scale: float | None = None
 
 
 @dataclass
@@ -279,6 +282,15 @@ class Config:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        wf.phase_sign = {"1": "+1", "+1": "+1", "-1": "-1", "auto": "auto"}.get(
+            str(wf.phase_sign).strip(), str(wf.phase_sign)
+        )
+        if wf.phase_sign not in ("auto", "+1", "-1"):
+            raise ConfigError(f"phase-sign must be auto, +1 or -1, not {wf.phase_sign!r}")
+        if wf.phase_scale is not None:
+            wf.phase_scale = parse_phase_scale(wf.phase_scale)
+        if wf.input_type == "fieldmap" and (wf.phase_sign != "auto" or wf.phase_scale):
+            raise ConfigError("phase-sign and phase-scale apply to phase, not to a field map")
         if wf.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, not {wf.device!r}")
         if wf.model is not None:
@@ -316,6 +328,8 @@ _KINDS = {
     "nprocs": "integer",
     "omp_nthreads": "integer",
     "verbose": "integer",
+    "phase_sign": "sign",
+    "phase_scale": "scale",
 }
 
 _KIND_TEXT = {
@@ -325,6 +339,8 @@ _KIND_TEXT = {
     "number": "a number",
     "integer": "an integer",
     "str": "a string",
+    "sign": "auto, +1 or -1",
+    "scale": 'a number or an expression such as "pi/4096"',
 }
 
 
@@ -340,6 +356,8 @@ def check_type(name: str, value: Any) -> None:
         "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
+        "sign": lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+        "scale": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
     }[kind](value)
     if not ok:
         option = _key(name).replace("_", "-")
@@ -385,6 +403,25 @@ def _positive_int(value: Any, name: str) -> int:
     if n < 1:
         raise ConfigError(f"{name} must be at least 1, not {n}")
     return n
+
+
+def parse_phase_scale(value: float | str) -> float:
+    """``--phase-scale``: radians per stored unit, as a number or a product/quotient of
+    numbers and ``pi`` (``"pi/4096"``, ``"2*pi/4096"``, ``"1/1000"``)."""
+    text = str(value).replace(" ", "").lower()
+    tokens = re.split(r"([*/])", text)
+    try:
+        result = math.pi if tokens[0] == "pi" else float(tokens[0])
+        for op, token in zip(tokens[1::2], tokens[2::2], strict=True):
+            factor = math.pi if token == "pi" else float(token)
+            result = result * factor if op == "*" else result / factor
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f'phase-scale must be a number or an expression such as "pi/4096", not {value!r}'
+        ) from None
+    if not (math.isfinite(result) and result > 0):
+        raise ConfigError(f"phase-scale must be positive, not {value!r}")
+    return result
 
 
 def load_toml(path: Path) -> dict[str, Any]:

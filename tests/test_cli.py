@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qsmprep import __version__
@@ -260,3 +261,22 @@ Traceback (most recent call last):
     text = exception_text(crash.splitlines())
     assert text == "HeaderDataError: Could not decompose affine: [[4. 0. 0. 0.] [0. 0. 0. 1.]]"
     assert exception_text(["no traceback", "last line", ""]) == "last line"
+
+
+def test_phase_sign_and_scale_options(tmp_path):
+    base = [str(tmp_path), str(tmp_path / "o"), "participant"]
+    cfg = parse_args(base + ["--phase-sign", "-1", "--phase-scale", "pi/4096"])
+    assert cfg.workflow.phase_sign == "-1"
+    assert cfg.workflow.phase_scale == pytest.approx(np.pi / 4096)
+    assert parse_args(base).workflow.phase_sign == "auto"
+    ok = {"bids_dir": tmp_path, "output_dir": tmp_path / "o"}
+    assert Config.from_options({**ok, "phase_sign": 1}).workflow.phase_sign == "+1"  # TOML
+    assert Config.from_options({**ok, "phase_scale": "2*pi/8192"}).workflow.phase_scale == (
+        pytest.approx(np.pi / 4096)
+    )
+    assert Config.from_options({**ok, "phase_scale": 0.001}).workflow.phase_scale == 0.001
+    for bad in ("pi/0", "-1", "two", "pi//2"):
+        with pytest.raises(ConfigError, match="phase-scale"):
+            Config.from_options({**ok, "phase_scale": bad})
+    assert _exit_code(base + ["--phase-sign", "2"]) == 64
+    assert _exit_code(base + ["--input-type", "fieldmap", "--phase-sign", "-1"]) == 64

@@ -161,3 +161,31 @@ def test_units():
     assert ph.hz_to_ppm(42.577478 * 3, 3.0) == pytest.approx(1.0)
     assert ph.ppm_to_hz(1.0, 7.0) == pytest.approx(42.577478 * 7)
     assert ph.rad_to_hz(2 * np.pi * 0.01 * 50, 0.01) == pytest.approx(50)
+
+
+def test_fill_non_finite_takes_the_neighbours_and_leaves_bad_regions_empty():
+    x = np.arange(12, dtype=np.float32)[:, None, None] * np.ones((12, 12, 12), np.float32)
+    phase = np.stack([0.1 * x, 0.2 * x], axis=-1) - 1.0  # smooth, no wraps
+    mag = np.ones_like(phase)
+    phase[5, 5, 5, 0] = np.nan  # one bad echo of one voxel
+    mag[2, 8, 3, 1] = np.inf
+    phase[8:12, 8:12, 8:12, :] = np.nan  # a bad corner region
+    out_ph, out_mag, bad, filled = ph.fill_non_finite(phase, mag)
+    assert bad.sum() == 2 + 64 and np.all(np.isfinite(out_ph)) and np.all(np.isfinite(out_mag))
+    assert filled[5, 5, 5] and filled[2, 8, 3] and not filled[10, 10, 10]
+    # the mean of a linear phase over a symmetric neighbourhood is its centre value
+    np.testing.assert_allclose(out_ph[5, 5, 5], [0.1 * 5 - 1, 0.2 * 5 - 1], atol=1e-5)
+    np.testing.assert_allclose(out_mag[2, 8, 3], 1.0, atol=1e-6)
+    assert np.all(out_mag[9:, 9:, 9:] == 0)  # deep inside the region: no signal
+    assert not bad[0, 0, 0] and out_ph[0, 0, 0, 1] == phase[0, 0, 0, 1]
+
+
+def test_fill_from_neighbours_interpolates_a_smooth_field():
+    x, y, z = np.meshgrid(*[np.arange(10.0)] * 3, indexing="ij")
+    field = (3 * x - 2 * y + z).astype(np.float32)
+    known = np.ones(field.shape, bool)
+    known[4, 4, 4] = known[4, 5, 4] = False  # two neighbouring holes
+    broken = np.where(known, field, np.float32(1e6))
+    out = ph.fill_from_neighbours(broken, known)
+    np.testing.assert_allclose(out[~known], field[~known], atol=0.5)
+    np.testing.assert_array_equal(out[known], field[known])

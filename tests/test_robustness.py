@@ -14,24 +14,14 @@ from pathlib import Path
 import pytest
 
 from qsmprep.interfaces.bids import commit_files
-from qsmprep.sim import SubjectSpec, write_bids_dataset
 from qsmprep.workflows.base import RUN_OUTPUT_TAILS, STAGE_DIRNAME
 
 TKD = ["--nprocs", "1", "--skip-bids-validation", "--inversion", "tkd"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust") / "bids"
-    return write_bids_dataset(root, [SubjectSpec("01", seed=0)], preset="small")
-
-
-def copy_participant(root, src: str, dst: str):
-    """Copy ``sub-<src>`` of ``root`` to ``sub-<dst>``, renaming its files."""
-    shutil.copytree(root / f"sub-{src}", root / f"sub-{dst}")
-    for path in sorted((root / f"sub-{dst}").rglob(f"sub-{src}_*")):
-        path.rename(path.with_name(path.name.replace(f"sub-{src}_", f"sub-{dst}_")))
-    return root / f"sub-{dst}" / "anat"
+@pytest.fixture
+def dataset(small_phantom):
+    return small_phantom
 
 
 def _clone(dataset, tmp_path):
@@ -57,7 +47,7 @@ BROKEN = {
 }
 
 
-def test_broken_files_fail_only_their_participant(dataset, tmp_path, run_cli):
+def test_broken_files_fail_only_their_participant(dataset, tmp_path, run_cli, copy_participant):
     root = _clone(dataset, tmp_path)
     for sub, (name, content, _) in BROKEN.items():
         path = copy_participant(root, "01", sub) / f"sub-{sub}_{name}"

@@ -41,6 +41,7 @@ from ..config import (
     load_toml,
     method_choices,
 )
+from ..conventions import PHASE_SIGN_CHOICES
 from ..interfaces.qsm import R2STAR_METHODS
 from ..workflows.qsm import INPUT_TYPES
 from .interrupt import (
@@ -210,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model", type=Path, metavar="PATH", help="adaptive-unet: your own weights file"
+    )
+
+    g = parser.add_argument_group("scanner conventions")
+    g.add_argument(
+        "--phase-sign",
+        choices=PHASE_SIGN_CHOICES,
+        help="factor applied to the phase: auto follows the sidecar's Manufacturer where "
+        "its convention is known (-1 for GE, whose phase is left-handed; otherwise +1, "
+        "with a warning when the manufacturer is unknown) (default: auto)",
+    )
+    g.add_argument(
+        "--phase-scale",
+        metavar="RAD_PER_UNIT",
+        help="radians per stored phase unit, e.g. pi/4096 or 0.001, for phase that is neither "
+        "radians nor a known integer range (default: detected from Units and the values)",
     )
 
     g = parser.add_argument_group("resources and execution")
@@ -470,6 +486,8 @@ def run_participant(cfg: Config, subject: str, runs: list, stage_dir: Path) -> l
             device=wf_cfg.device,
             model=wf_cfg.model,
             fallback_field_strength=ex.field_strength,
+            phase_sign=wf_cfg.phase_sign,
+            phase_scale=wf_cfg.phase_scale,
             omp_nthreads=cfg.resources.threads,
             max_mem_gb=cfg.resources.mem_gb,
             stage_dir=stage_dir,

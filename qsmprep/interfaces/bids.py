@@ -47,6 +47,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     out_path = traits.Str(mandatory=True, desc="path relative to base_directory (.nii.gz)")
     metadata = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="sidecar content")
     side_info = File(exists=True, desc="side information JSON, stored as SideInformation")
+    extra_meta = File(exists=True, desc="JSON object whose keys are added to the sidecar")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -73,6 +74,8 @@ class DerivativesSink(SimpleInterface):
             raise ValueError(f"in_file must be a compressed NIfTI (.nii.gz), not {src.name}")
         out = Path(self.inputs.base_directory) / rel
         meta = dict(self.inputs.metadata)
+        if isdefined(self.inputs.extra_meta):
+            meta.update(json.loads(Path(self.inputs.extra_meta).read_text()))
         if isdefined(self.inputs.side_info):
             meta["SideInformation"] = json.loads(Path(self.inputs.side_info).read_text())
         sidecar = out.with_name(out.name[: -len(".nii.gz")] + ".json")

@@ -271,3 +271,68 @@ def mcpc3ds(
     # the offset curves and at the mask's edge, where the kernel sees one side only
     smoothed = first + smooth(wrap(offset - first))
     return wrap(ph - smoothed[..., None])
+
+
+def fill_non_finite(
+    phase: np.ndarray, mag: np.ndarray, min_fraction: float = 0.5, wrapped: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Replace the voxels where multi-echo phase or magnitude is NaN or Inf.
+
+    A voxel that is non-finite in any echo of either image takes, in every echo, the mean
+    of its finite 3x3x3 neighbours (complex mean for wrapped phase, so wraps do not bias
+    it; plain mean with ``wrapped=False``) when at least ``min_fraction`` of the 26
+    neighbours are finite: scattered bad voxels
+    then carry their surroundings' data, not a spurious 0 rad. The others (bad regions)
+    get zero magnitude and phase: no signal.
+
+    ``phase`` (rad) and ``mag`` are ``(X, Y, Z)`` or ``(X, Y, Z, E)``. Returns float32 phase
+    and magnitude of that shape, the mask of the voxels that were non-finite, and the mask
+    of those that were filled.
+    """
+    ph = np.asarray(phase, dtype=np.float32)
+    mg = np.asarray(mag, dtype=np.float32)
+    if ph.shape != mg.shape:
+        raise ValueError(f"phase shape {ph.shape} does not match magnitude {mg.shape}")
+    shape = ph.shape
+    ph, mg = ph.reshape(*shape[:3], -1), mg.reshape(*shape[:3], -1)
+    bad = ~(np.isfinite(ph).all(axis=-1) & np.isfinite(mg).all(axis=-1))
+    if not bad.any():
+        return ph.reshape(shape), mg.reshape(shape), bad, np.zeros_like(bad)
+    good = ~bad
+    valid = ndimage.uniform_filter(good.astype(np.float32), 3, mode="constant") * 27
+    filled = bad & (valid >= min_fraction * 26)
+    ph, mg = ph.copy(), mg.copy()
+    ph[bad], mg[bad] = 0, 0
+    for e in range(ph.shape[-1]):
+        if wrapped:
+            z = mg[..., e] * np.exp(1j * ph[..., e])
+            re = ndimage.uniform_filter(z.real.astype(np.float32), 3, mode="constant")
+            im = ndimage.uniform_filter(z.imag.astype(np.float32), 3, mode="constant")
+            ph[..., e][filled] = np.arctan2(im[filled], re[filled])
+        else:
+            total = ndimage.uniform_filter(ph[..., e], 3, mode="constant") * 27
+            ph[..., e][filled] = total[filled] / valid[filled]
+        mean_mag = ndimage.uniform_filter(mg[..., e], 3, mode="constant") * 27
+        mg[..., e][filled] = mean_mag[filled] / valid[filled]
+    return ph.reshape(shape), mg.reshape(shape), bad, filled
+
+
+def fill_from_neighbours(values: np.ndarray, known: np.ndarray, passes: int = 3) -> np.ndarray:
+    """``values`` (3D) with its voxels outside ``known`` replaced by the mean of their known
+    3x3x3 neighbours, in up to ``passes`` growing passes (voxels still out of reach keep
+    their value). For smooth maps such as the total field (Hz), where an interpolation is
+    far closer than any value the missing data gave."""
+    out = np.array(values, dtype=np.float32)
+    known = np.asarray(known, dtype=bool).copy()
+    for _ in range(passes):
+        todo = ~known
+        if not todo.any():
+            break
+        weight = ndimage.uniform_filter(known.astype(np.float32), 3, mode="constant")
+        reach = todo & (weight > 0)
+        if not reach.any():
+            break
+        total = ndimage.uniform_filter(np.where(known, out, np.float32(0)), 3, mode="constant")
+        out[reach] = total[reach] / weight[reach]
+        known |= reach
+    return out

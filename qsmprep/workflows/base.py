@@ -15,7 +15,9 @@ import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..bids import MEGRERun, bids_uri, field_strength
+from ..bids import MEGRERun, bids_uri
+from ..conventions import phase_sign as run_phase_sign
+from ..conventions import ppm_field_strength
 from ..interfaces.bids import CommitRun, DerivativesSink
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
@@ -100,6 +102,8 @@ def init_participant_wf(
     device: str = "auto",
     model: Path | None = None,
     fallback_field_strength: float | None = None,
+    phase_sign: str = "auto",
+    phase_scale: float | None = None,
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
     stage_dir: Path | None = None,
@@ -118,7 +122,12 @@ def init_participant_wf(
     the runs with two echoes or more; ``swi`` adds SWI and minIP.
     ``fallback_field_strength`` (T) is used for runs whose sidecars lack
     ``MagneticFieldStrength``; without it such a run raises
-    :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
+    :class:`~qsmprep.bids.BIDSError` here, before anything runs. ppm are relative to the
+    sidecar's ``ImagingFrequency`` when it has one
+    (:func:`~qsmprep.conventions.ppm_field_strength`). ``phase_sign`` (``auto``, ``+1``,
+    ``-1``; :func:`~qsmprep.conventions.phase_sign`) and ``phase_scale`` (radians per stored
+    unit, ``None``: detected) say how to read the phase. The sign, the scaling and the
+    field strength used are recorded in the sidecars. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
     """
     if not runs:
@@ -151,7 +160,8 @@ def init_participant_wf(
     if stage_dir is None:
         stage_dir = Path(output_dir) / STAGE_DIRNAME / f"sub-{subject}-{uuid.uuid4().hex[:8]}"
     for run in runs:
-        b0 = field_strength(run, fallback_field_strength)
+        b0, ppm_record = ppm_field_strength(run, fallback_field_strength)
+        nominal = run.field_strength or fallback_field_strength or b0
         run_r2star = r2star if len(run.echo_times) > 1 else None
         if r2star and run_r2star is None:
             logger.warning("%s: one echo, no R2*/T2* map", run.prefix)
@@ -187,11 +197,27 @@ def init_participant_wf(
             inputs.phase_files = list(run.phase_files)
             inputs.echo_times = list(run.echo_times)
             inputs.phase_units = run.phase_units
+            sign, sign_source = run_phase_sign(run, phase_sign)
+            inputs.phase_sign = sign
+            inputs.phase_scale = phase_scale
+            phase_record = {"PhaseSign": sign, "PhaseSignSource": sign_source}
+            if input_type == "phase" and len(run.echo_times) == 1:
+                logger.warning(
+                    "%s: one echo: its phase offset cannot be separated from the field, so "
+                    "chi is wrong unless the phase has no offset; give offset-free phase "
+                    "with --input-type unwrapped, or acquire a second echo",
+                    run.prefix,
+                )
         if masks is not None:
             inputs.mask_file = masks[run.prefix]
 
         applied = mcpc3ds and input_type == "phase" and len(run.echo_times) > 1
-        outputs = _outputs(run, bids_dir, b0, records, applied)
+        outputs = _outputs(run, bids_dir, nominal, records, applied)
+        for _, _, meta, _ in outputs:
+            if meta.get("Units") == "ppm":
+                meta["PpmConversion"] = ppm_record
+            if run.fieldmap_file is None and "Unwrapping" in meta:
+                meta.update(phase_record)
         if with_quality:
             outputs.append(_quality_output(run, bids_dir, unwrapping))
         if run_r2star:
@@ -227,6 +253,8 @@ def init_participant_wf(
             wf.connect(qsm_wf, f"outputnode.{field}", sink, "in_file")
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
+            if field in ("chi_map", "total_field", "local_field"):
+                wf.connect(qsm_wf, "outputnode.conventions", sink, "extra_meta")
             wf.connect([(sink, merge, [("out_file", f"in{2 * i + 1}"),
                                        ("out_meta", f"in{2 * i + 2}")])])  # fmt: skip
     return wf
@@ -317,7 +345,9 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
             field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
         field_model.update(
             EchoCombination="magnitude-weighted least-squares fit of the phase over echo time, "
-            "through the origin",
+            "through the origin"
+            if len(run.echo_times) > 1
+            else "one echo: phase / (2 pi TE); its phase offset cannot be separated",
             MagneticFieldStrength=b0,
             EchoTime=list(run.echo_times),
         )

@@ -11,6 +11,7 @@ from ..interfaces.qsm import (
     BrainMask,
     DipoleInversion,
     FieldMap,
+    FillField,
     PrepareEchoes,
     PrepareFieldMap,
     Relaxometry,
@@ -140,6 +141,11 @@ def init_qsm_wf(
         B0 (T).
     phase_units : str, optional
         The phase sidecar's ``Units`` (``"rad"``, ``"arbitrary"``), if known.
+    phase_sign : int, optional
+        +1 (default) or -1: the factor applied to the phase (-1 for GE's left-handed phase).
+    phase_scale : float, optional
+        Radians per stored unit of the phase, when it is neither radians nor a known
+        integer range (default: detected).
     mask_file : str
         ``user_mask`` only: the mask (non-zero inside), on the run's grid.
     fieldmap_file : str
@@ -159,6 +165,9 @@ def init_qsm_wf(
         Local field (ppm).
     side_info : str
         JSON with ``VoxelSize`` (mm) and ``B0Direction`` (unit vector, voxel axes).
+    conventions : str
+        JSON of how the inputs were read: ``PhaseScaling``, ``PhaseSign`` (phase inputs),
+        ``NonFiniteVoxels`` (left out of the data and masks), ``B0DirectionSource``.
     quality : str
         Voxel quality of the unwrapping in [0, 1] (``romeo`` only; otherwise undefined).
     r2star, t2star : str
@@ -185,6 +194,8 @@ def init_qsm_wf(
                 "echo_times",
                 "field_strength",
                 "phase_units",
+                "phase_sign",
+                "phase_scale",
                 "mask_file",
                 "fieldmap_file",
                 "fieldmap_units",
@@ -193,6 +204,8 @@ def init_qsm_wf(
         name="inputnode",
     )
     inputnode.inputs.phase_units = None
+    inputnode.inputs.phase_sign = 1
+    inputnode.inputs.phase_scale = None
     inputnode.inputs.fieldmap_units = "Hz"
     outputnode = pe.Node(
         niu.IdentityInterface(
@@ -202,6 +215,7 @@ def init_qsm_wf(
                 "total_field",
                 "local_field",
                 "side_info",
+                "conventions",
                 "quality",
                 "r2star",
                 "t2star",
@@ -234,7 +248,8 @@ def init_qsm_wf(
                                ("fieldmap_file", "fieldmap"),
                                ("fieldmap_units", "units")]),
             (prep, bgremove, [("total_field", "total_field")]),
-            (prep, outputnode, [("total_field", "total_field")]),
+            (prep, outputnode, [("total_field", "total_field"),
+                                ("conventions", "conventions")]),
         ])
         # fmt: on
         fieldmap = None
@@ -253,19 +268,26 @@ def init_qsm_wf(
             name="field_map",
             **heavy,
         )
+        # where the inputs were NaN/Inf, the field of the neighbours (a no-op otherwise)
+        fill = pe.Node(FillField(), name="fill_field", mem_gb=LIGHT_MEM_GB)
         # fmt: off
         wf.connect([
             (inputnode, prep, [("mag_files", "mag_files"),
                                ("phase_files", "phase_files"),
                                ("echo_times", "echo_times"),
-                               ("phase_units", "phase_units")]),
+                               ("phase_units", "phase_units"),
+                               ("phase_sign", "phase_sign"),
+                               ("phase_scale", "phase_scale")]),
+            (prep, outputnode, [("conventions", "conventions")]),
             (inputnode, fieldmap, [("echo_times", "echo_times")]),
             (prep, fieldmap, [("out_mag", "in_mag"),
                               ("out_phase", "in_phase"),
                               ("side_info", "side_info")]),
-            (fieldmap, bgremove, [("total_field", "total_field")]),
-            (fieldmap, outputnode, [("total_field", "total_field"),
-                                    ("quality", "quality")]),
+            (fieldmap, fill, [("total_field", "total_field")]),
+            (prep, fill, [("out_valid", "valid")]),
+            (fill, bgremove, [("total_field", "total_field")]),
+            (fill, outputnode, [("total_field", "total_field")]),
+            (fieldmap, outputnode, [("quality", "quality")]),
         ])
         # fmt: on
 
@@ -288,7 +310,7 @@ def init_qsm_wf(
             name="reliable_mask",
             mem_gb=LIGHT_MEM_GB,
         )
-        wf.connect([(prep, reliable, [("out_mag", "in_mag")]),
+        wf.connect([(prep, reliable, [("out_mag", "in_mag"), ("out_valid", "valid")]),
                     (reliable, invert, [("out_mask", "reliable_mask")])])  # fmt: skip
         if uses_quality:
             wf.connect([(fieldmap, reliable, [("quality", "quality")])])
@@ -308,7 +330,7 @@ def init_qsm_wf(
         # fmt: off
         wf.connect([
             (prep, swi_node, [("out_mag", "in_mag"), ("side_info", "side_info")]),
-            (fieldmap, swi_node, [("total_field", "total_field")]),
+            (fill, swi_node, [("total_field", "total_field")]),
             (inputnode, swi_node, [("echo_times", "echo_times")]),
             (brainmask, swi_node, [("out_mask", "mask")]),
             (swi_node, outputnode, [("swi", "swi"), ("minip", "minip")]),
