@@ -167,7 +167,8 @@ def init_qsm_wf(
         JSON with ``VoxelSize`` (mm) and ``B0Direction`` (unit vector, voxel axes).
     conventions : str
         JSON of how the inputs were read: ``PhaseScaling``, ``PhaseSign`` (phase inputs),
-        ``NonFiniteVoxels`` (left out of the data and masks), ``B0DirectionSource``.
+        ``NonFiniteVoxels`` (NaN/Inf in the inputs: the field there is interpolated, and
+        they are left out of the reliable mask), ``B0DirectionSource``.
     quality : str
         Voxel quality of the unwrapping in [0, 1] (``romeo`` only; otherwise undefined).
     r2star, t2star : str
