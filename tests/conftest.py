@@ -20,3 +20,56 @@ def run_cli():
         return code, err.getvalue()
 
     return run
+
+
+def _copy_subject(root, src, dst, transform):
+    """Copy participant ``src`` of the BIDS dataset ``root`` to ``dst``, applying
+    ``transform`` to its phase images."""
+    import shutil
+
+    import nibabel as nb
+    import numpy as np
+
+    shutil.copytree(root / f"sub-{src}", root / f"sub-{dst}")
+    for path in sorted((root / f"sub-{dst}").rglob(f"sub-{src}_*")):
+        path.rename(path.with_name(path.name.replace(f"sub-{src}_", f"sub-{dst}_")))
+    for phase in sorted((root / f"sub-{dst}" / "anat").glob("*part-phase*.nii.gz")):
+        img = nb.load(phase)
+        nb.save(nb.Nifti1Image(transform(img.get_fdata(dtype=np.float32)), img.affine), phase)
+    with (root / "participants.tsv").open("a") as f:
+        f.write(f"sub-{dst}\t0\n")
+
+
+@pytest.fixture(scope="session")
+def phantom_study(tmp_path_factory, run_cli):
+    """A small (4 mm) phantom study processed once with the defaults, for the report and
+    group-level tests:
+
+    - sub-01, sub-02, sub-03: three heads (phantom seeds 0, 1, 2) with B0 axial, tilted
+      (20, 10) and (0, 15) degrees;
+    - sub-04: sub-01 with its phase sign inverted (as GE stores it);
+    - sub-05: sub-01 with a phase that is neither radians nor integers (fails in a node).
+
+    Returns a dict: ``info`` (the dataset), ``root``, ``out``, ``work``, ``code`` and
+    ``err`` of the participant run.
+    """
+    from qsmprep.sim import SubjectSpec, write_bids_dataset
+
+    base = tmp_path_factory.mktemp("study")
+    root = base / "bids"
+    info = write_bids_dataset(
+        root,
+        [
+            SubjectSpec("01", seed=0),
+            SubjectSpec("02", b0_tilt_deg=(20.0, 10.0), seed=1),
+            SubjectSpec("03", b0_tilt_deg=(0.0, 15.0), seed=2),
+        ],
+        preset="small",
+    )
+    _copy_subject(root, "01", "04", lambda p: -p)
+    _copy_subject(root, "01", "05", lambda p: p * 10.5)
+    out, work = base / "out", base / "work"
+    code, err = run_cli([root, out, "participant", "-w", work, "--nprocs", "1",
+                         "--skip-bids-validation"])  # fmt: skip
+    return {"info": info, "root": root, "out": out, "work": work, "code": code, "err": err,
+            "base": base}  # fmt: skip

@@ -28,6 +28,7 @@ from ..config import (
     EXIT_NOTHING_SELECTED,
     EXIT_OK,
     EXIT_USAGE,
+    REGISTRATIONS,
     Config,
     ConfigError,
     load_toml,
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "analysis_level",
         choices=["participant", "group"],
-        help="participant: process participants; group: not yet available",
+        help="participant: process participants; group: QC table, group report and "
+        "deep-grey ROI statistics in MNI152NLin2009cAsym over the participants' outputs",
     )
     parser.add_argument("--version", action="version", version=f"qsmprep {__version__}")
 
@@ -181,6 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model", type=Path, metavar="PATH", help="adaptive-unet: your own weights file"
+    )
+
+    g = parser.add_argument_group("reports and group level")
+    g.add_argument(
+        "--reports-only",
+        action="store_true",
+        default=None,
+        help="write the participant reports again from OUTPUT_DIR and stop (nothing is processed)",
+    )
+    g.add_argument(
+        "--boilerplate-only",
+        action="store_true",
+        default=None,
+        help="write the methods boilerplate (OUTPUT_DIR/logs/CITATION.md, .html, .bib) for "
+        "the selected runs and stop",
+    )
+    g.add_argument(
+        "--registration",
+        choices=REGISTRATIONS,
+        help="group level: registration of each run's magnitude to MNI152NLin2009cAsym: "
+        "affine, or affine then SyN (default: affine; SyN moved the deep grey ROIs off the "
+        "phantom's nuclei)",
+    )
+    g.add_argument(
+        "--template-chimaps",
+        action="store_true",
+        default=None,
+        help="group level: also write each run's Chimap in MNI152NLin2009cAsym space",
     )
 
     g = parser.add_argument_group("resources and execution")
@@ -351,36 +381,46 @@ def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
     return None
 
 
-def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
-    """Build and run one participant's workflow; return failure lines (empty: success)."""
-    from ..bids import BIDSError
+def build_participant_wf(cfg: Config, subject: str, runs: list):
+    """One participant's workflow, from the settings (``BIDSError``/``ValueError`` if the
+    runs cannot be processed as asked)."""
     from ..workflows import init_participant_wf
 
     ex, wf_cfg = cfg.execution, cfg.workflow
-    try:
-        wf = init_participant_wf(
-            subject,
-            runs,
-            bids_dir=ex.bids_dir,
-            output_dir=ex.output_dir,
-            unwrapping=wf_cfg.unwrapping,
-            bf_removal=wf_cfg.bf_removal,
-            inversion=wf_cfg.inversion,
-            masking=wf_cfg.masking,
-            input_type=wf_cfg.input_type,
-            mcpc3ds=wf_cfg.mcpc3ds,
-            two_pass=wf_cfg.two_pass,
-            masks=_masks(cfg, runs),
-            r2star=cfg.r2star_method,
-            swi=wf_cfg.swi,
-            device=wf_cfg.device,
-            model=wf_cfg.model,
-            fallback_field_strength=ex.field_strength,
-            omp_nthreads=cfg.resources.threads,
-            max_mem_gb=cfg.resources.mem_gb,
-        )
-    except (BIDSError, ValueError) as e:
-        return [str(e)]
+    return init_participant_wf(
+        subject,
+        runs,
+        bids_dir=ex.bids_dir,
+        output_dir=ex.output_dir,
+        unwrapping=wf_cfg.unwrapping,
+        bf_removal=wf_cfg.bf_removal,
+        inversion=wf_cfg.inversion,
+        masking=wf_cfg.masking,
+        input_type=wf_cfg.input_type,
+        mcpc3ds=wf_cfg.mcpc3ds,
+        two_pass=wf_cfg.two_pass,
+        masks=_masks(cfg, runs),
+        r2star=cfg.r2star_method,
+        swi=wf_cfg.swi,
+        device=wf_cfg.device,
+        model=wf_cfg.model,
+        fallback_field_strength=ex.field_strength,
+        omp_nthreads=cfg.resources.threads,
+        max_mem_gb=cfg.resources.mem_gb,
+    )
+
+
+def run_participant(cfg: Config, subject: str, runs: list, wf=None) -> list[str]:
+    """Build (unless ``wf`` is given) and run one participant's workflow; return failure
+    lines (empty: success)."""
+    from ..bids import BIDSError
+
+    ex = cfg.execution
+    if wf is None:
+        try:
+            wf = build_participant_wf(cfg, subject, runs)
+        except (BIDSError, ValueError) as e:
+            return [str(e)]
     crash_dir = ex.work_dir / "crash" / f"sub-{subject}"
     crash_dir.mkdir(parents=True, exist_ok=True)
     wf.base_dir = str(ex.work_dir)
@@ -404,12 +444,21 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qsmprep`` console script; returns the exit code."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     _setup_logging(cfg.execution.verbose)
     ex = cfg.execution
     if ex.analysis_level == "group":
-        print("qsmprep: the group level is not yet available", file=sys.stderr)
-        return EXIT_USAGE
+        from .group import run_group
+
+        return run_group(cfg)
+    if ex.reports_only:
+        from .reporting import reports_only
+
+        failed = reports_only(cfg, _output_subjects(cfg))
+        for line in failed:
+            print(f"qsmprep: {line}", file=sys.stderr)
+        return EXIT_FAILED if failed else EXIT_OK
 
     from ..bids import (
         BIDSError,
@@ -471,18 +520,28 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from ..interfaces.bids import write_dataset_description
+    from . import reporting
 
+    if ex.boilerplate_only:
+        return _boilerplate_only(cfg, selected)
     ex.output_dir.mkdir(parents=True, exist_ok=True)
     ex.work_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_description(ex.output_dir, ex.bids_dir)
     for subject, runs in selected.items():
         t0 = time.perf_counter()
+        log = reporting.start_participant_log(cfg, subject, argv)
         logger.info("sub-%s: %d run(s)", subject, len(runs))
-        lines = run_participant(cfg, subject, runs)
+        try:
+            wf = build_participant_wf(cfg, subject, runs)
+        except (BIDSError, ValueError) as e:
+            wf, lines = None, [str(e)]
+        else:
+            lines = run_participant(cfg, subject, runs, wf)
         if lines:
             failures[subject] = lines
         else:
             logger.info("sub-%s: done in %.0f s", subject, time.perf_counter() - t0)
+        reporting.finish_participant(cfg, subject, runs, log, lines, wf)
 
     done = [s for s in selected if s not in failures]
     if done:
@@ -492,6 +551,33 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(f"qsmprep: sub-{subject} failed: {line}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _output_subjects(cfg: Config) -> list[str]:
+    """Participants with a folder in OUTPUT_DIR (those of --participant-label only)."""
+    found = sorted(
+        p.name[4:] for p in cfg.execution.output_dir.glob("sub-*") if p.is_dir()
+    )  # fmt: skip
+    wanted = cfg.execution.participant_label
+    return [s for s in found if wanted is None or s in wanted]
+
+
+def _boilerplate_only(cfg: Config, selected: dict[str, list]) -> int:
+    """--boilerplate-only: the methods text of the selected runs, into OUTPUT_DIR/logs."""
+    from ..bids import BIDSError
+    from .reporting import write_methods
+
+    paragraphs: list[str] = []
+    for subject, runs in selected.items():
+        try:
+            text = build_participant_wf(cfg, subject, runs).visit_desc()
+        except (BIDSError, ValueError) as e:
+            print(f"qsmprep: sub-{subject}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        paragraphs += [p for p in text.split("\n\n") if p not in paragraphs]
+    write_methods("\n\n".join(paragraphs), None, cfg.execution.output_dir)
+    print(f"qsmprep: methods boilerplate in {cfg.execution.output_dir / 'logs'}", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from nipype.pipeline import engine as pe
 
 from ..bids import MEGRERun, bids_uri, field_strength
 from ..interfaces.bids import DerivativesSink
+from .boilerplate import REPORT_POSTDESC, LiterateWorkflow, participant_desc
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
 logger = logging.getLogger("qsmprep")
@@ -69,6 +70,11 @@ def _node_name(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_")
 
 
+def qsm_workflow_name(prefix: str) -> str:
+    """Name of the :func:`init_qsm_wf` of the run ``prefix`` inside the participant workflow."""
+    return f"qsm_{_node_name(prefix)}_wf"
+
+
 def init_participant_wf(
     subject: str,
     runs: Sequence[MEGRERun],
@@ -90,6 +96,7 @@ def init_participant_wf(
     fallback_field_strength: float | None = None,
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
+    reportlets: bool = True,
     name: str | None = None,
 ) -> pe.Workflow:
     """One participant: a :func:`init_qsm_wf` per run, feeding the derivatives sinks.
@@ -102,10 +109,14 @@ def init_participant_wf(
     ``MagneticFieldStrength``; without it such a run raises
     :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
+    ``reportlets`` adds, per run, the report's phase figure (it needs intermediates) in
+    ``output_dir/sub-X/figures/``.
     """
     if not runs:
         raise ValueError(f"no multi-echo GRE run for sub-{subject}")
-    wf = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf = LiterateWorkflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf.__desc__ = participant_desc()
+    wf.__postdesc__ = REPORT_POSTDESC
     records = {
         "unwrapping": method_record("unwrapping", unwrapping),
         "masking": method_record("masking", masking),
@@ -155,7 +166,7 @@ def init_participant_wf(
             model=str(model) if model else None,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
-            name=f"qsm_{_node_name(run.prefix)}_wf",
+            name=qsm_workflow_name(run.prefix),
         )
         inputs = qsm_wf.get_node("inputnode").inputs
         inputs.mag_files = list(run.mag_files)
@@ -192,7 +203,32 @@ def init_participant_wf(
             wf.connect(qsm_wf, f"outputnode.{field}", sink, "in_file")
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
+        if reportlets and run.fieldmap_file is None:
+            _add_phase_reportlet(wf, qsm_wf, run, output_dir, outputs, applied)
     return wf
+
+
+def _add_phase_reportlet(wf, qsm_wf, run: MEGRERun, output_dir: Path, outputs, mcpc3ds: bool):
+    """The report's figure of the last echo's phase before and after unwrapping."""
+    from ..reports.outputs import OUTPUT_SUFFIXES, figure_path
+    from ..reports.reportlets import PhaseReportlet
+
+    chi_name = next(out_name for field, out_name, *_ in outputs if field == "chi_map")
+    stem = chi_name.removesuffix(f"_{OUTPUT_SUFFIXES['chi_map']}.nii.gz")
+    node = pe.Node(
+        PhaseReportlet(
+            echo_index=-1,
+            echo_times=list(run.echo_times),
+            offset_removed=mcpc3ds,
+            out_file=str(figure_path(output_dir, run.subject, stem, "phase")),
+        ),
+        name=f"report_{_node_name(run.prefix)}_phase",
+        mem_gb=0.5,
+    )
+    wf.connect([(qsm_wf, node, [("outputnode.phase", "in_phase"),
+                                ("outputnode.unwrapped_last", "unwrapped"),
+                                ("outputnode.mask", "mask"),
+                                ("outputnode.phase_scaling", "phase_scaling")])])  # fmt: skip
 
 
 def check_arlo(run: MEGRERun) -> None:

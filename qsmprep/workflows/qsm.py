@@ -16,6 +16,7 @@ from ..interfaces.qsm import (
     Relaxometry,
     UserMask,
 )
+from .boilerplate import LiterateWorkflow, qsm_desc
 
 #: Memory (GB) of the light nodes (stacking echoes, masking).
 LIGHT_MEM_GB = 0.5
@@ -165,6 +166,10 @@ def init_qsm_wf(
         R2* (1/s) and T2* (s), with ``r2star``.
     swi, minip : str
         SWI and its minIP (the magnitude's scale), with ``swi``.
+    phase, unwrapped_last, phase_scaling : str
+        For the report (not with ``input_type="fieldmap"``): the phase as read (rad,
+        ``(X, Y, Z, E)``), the unwrapped phase of the last echo, and how the stored phase
+        was scaled to radians.
     """
     check_methods(
         unwrapping,
@@ -176,7 +181,19 @@ def init_qsm_wf(
         r2star=r2star,
         swi=swi,
     )
-    wf = pe.Workflow(name=name)
+    wf = LiterateWorkflow(name=name)
+    wf.__desc__ = qsm_desc(
+        unwrapping=unwrapping,
+        bf_removal=bf_removal,
+        inversion=inversion,
+        masking=masking,
+        input_type=input_type,
+        mcpc3ds=mcpc3ds,
+        two_pass=two_pass,
+        user_mask=user_mask,
+        r2star=r2star,
+        swi=swi,
+    )
     inputnode = pe.Node(
         niu.IdentityInterface(
             fields=[
@@ -207,6 +224,9 @@ def init_qsm_wf(
                 "t2star",
                 "swi",
                 "minip",
+                "phase",
+                "unwrapped_last",
+                "phase_scaling",
             ]
         ),
         name="outputnode",
@@ -265,7 +285,10 @@ def init_qsm_wf(
                               ("side_info", "side_info")]),
             (fieldmap, bgremove, [("total_field", "total_field")]),
             (fieldmap, outputnode, [("total_field", "total_field"),
-                                    ("quality", "quality")]),
+                                    ("quality", "quality"),
+                                    ("unwrapped_last", "unwrapped_last")]),
+            (prep, outputnode, [("out_phase", "phase"),
+                                ("phase_scaling", "phase_scaling")]),
         ])
         # fmt: on
 
