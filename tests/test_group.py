@@ -123,6 +123,9 @@ def test_group_report_in_a_browser(group, tmp_path):
     assert all(width > 0 for _, width in page.images), page.images
     assert "sub-03" in page.text and shot.stat().st_size > 10_000
     assert "Harvard-Oxford" in page.text and "DIPY" in page.text
+    rois = _read_tsv(group["out"] / "group" / "group_rois.tsv")
+    thalamus = float(next(r["chi_mean_ppm"] for r in rois if r["roi"] == "left_thalamus"))
+    assert f"{thalamus:.4g}" in page.text  # the ROI table is filled
 
 
 def test_missing_template_is_one_line_and_the_rest_is_written(group, tmp_path, run_cli):

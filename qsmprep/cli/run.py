@@ -555,9 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _output_subjects(cfg: Config) -> list[str]:
     """Participants with a folder in OUTPUT_DIR (those of --participant-label only)."""
-    found = sorted(
-        p.name[4:] for p in cfg.execution.output_dir.glob("sub-*") if p.is_dir()
-    )  # fmt: skip
+    found = sorted(p.name[4:] for p in cfg.execution.output_dir.glob("sub-*") if p.is_dir())
     wanted = cfg.execution.participant_label
     return [s for s in found if wanted is None or s in wanted]
 

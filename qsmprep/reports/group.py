@@ -91,7 +91,7 @@ def write_group_report(
     by_run: dict[str, dict] = {}
     for row in result.roi_rows:
         by_run.setdefault(row["run"], {})[row["roi"]] = _fmt(row["chi_mean_ppm"])
-    roi_table = [{"run": k, "values": v} for k, v in by_run.items()]
+    roi_table = [{"run": k, "means": v} for k, v in by_run.items()]
     roi_figures = []
     for run in runs:
         path = out / "figures" / f"{run.stem}_desc-rois_qc.png"

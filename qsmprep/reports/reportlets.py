@@ -57,8 +57,9 @@ class PhaseReportlet(SimpleInterface):
         te = f", TE {1000 * tes[echo]:.2f} ms" if len(tes) > echo else ""
         label = f"echo {echo + 1}{te}"
         out = Path(self.inputs.out_file)
+        wrapped = np.mod(phase[..., echo] + np.pi, 2 * np.pi) - np.pi  # unwrapped input too
         plot_phase(
-            nb.Nifti1Image(phase[..., echo], phase_img.affine),
+            nb.Nifti1Image(wrapped.astype(np.float32), phase_img.affine),
             nb.load(self.inputs.unwrapped),
             nb.load(self.inputs.mask),
             out,
