@@ -29,6 +29,21 @@ COPY qsmprep /src/qsmprep
 RUN pip install /src && rm -rf /src \
     && python -c "import qsmprep.cli.run, qsmprep.nn.unet; print('qsmprep', qsmprep.__version__)"
 
+# The group level's template and atlas (MNI152NLin2009cAsym T1w and brain mask at 2 mm,
+# Harvard-Oxford subcortical atlas at 1 mm), fetched at build time into a fixed folder
+# outside $HOME (which Apptainer remaps) by the same module that reads them. A build
+# without network access passes --build-arg FETCH_TEMPLATES=0; the group level then says
+# how to fetch them into a bound TEMPLATEFLOW_HOME.
+ARG FETCH_TEMPLATES=1
+ENV TEMPLATEFLOW_HOME=/opt/templateflow
+RUN mkdir -p "$TEMPLATEFLOW_HOME" \
+    && if [ "$FETCH_TEMPLATES" = 1 ]; then \
+        pip install templateflow \
+        && python -m qsmprep.group.templates fetch \
+        && pip uninstall -y templateflow; \
+    fi \
+    && chmod -R a+rX "$TEMPLATEFLOW_HOME"
+
 # Warm numba's cache at build time would need a writable cache at run time anyway;
 # /tmp is writable under docker and apptainer.
 WORKDIR /tmp

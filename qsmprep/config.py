@@ -65,6 +65,11 @@ DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
+#: Group level: registration of each run to the template (affine, or affine then SyN).
+#: Affine is the default: on the head phantoms (docs/outputs.md) SyN's cross-contrast
+#: warps (GRE magnitude to a T1w template) moved the deep grey ROIs off their nuclei.
+REGISTRATIONS = ("affine", "syn")
+
 #: Exit codes (BIDS-Apps draft, and the shell's 128 + signal number for interruptions).
 EXIT_OK = 0
 EXIT_FAILED = 1  # some participant failed; the others' outputs are written
@@ -119,6 +124,10 @@ class ExecutionConfig:
     skip_bids_validation: bool = False
     field_strength: float | None = None
     verbose: int = 0
+    reports_only: bool = False
+    boilerplate_only: bool = False
+    registration: str = "affine"
+    template_chimaps: bool = False
 
 
 @dataclass
@@ -229,6 +238,14 @@ class Config:
             if not 0 < ex.field_strength <= 30:
                 raise ConfigError(f"field strength must be in (0, 30] T, not {ex.field_strength}")
         ex.verbose = int(ex.verbose)
+        ex.reports_only, ex.boilerplate_only = bool(ex.reports_only), bool(ex.boilerplate_only)
+        if ex.reports_only and ex.boilerplate_only:
+            raise ConfigError("give either reports-only or boilerplate-only, not both")
+        if ex.registration not in REGISTRATIONS:
+            raise ConfigError(
+                f"registration must be one of {', '.join(REGISTRATIONS)}, not {ex.registration!r}"
+            )
+        ex.template_chimaps = bool(ex.template_chimaps)
         res.nprocs = _positive_int(res.nprocs, "nprocs")
         if res.omp_nthreads is not None:
             res.omp_nthreads = _positive_int(res.omp_nthreads, "omp-nthreads")
@@ -323,6 +340,9 @@ _KINDS = {
     "mcpc3ds": "bool",
     "two_pass": "bool",
     "swi": "bool",
+    "reports_only": "bool",
+    "boilerplate_only": "bool",
+    "template_chimaps": "bool",
     "field_strength": "number",
     "mem_gb": "number",
     "nprocs": "integer",

@@ -29,9 +29,9 @@ def test_usage_errors_exit_64(tmp_path):
     assert _exit_code([str(tmp_path), str(tmp_path / "o"), "participant", "--nprocs", "0"]) == 64
 
 
-def test_group_level_not_yet_available(tmp_path, capsys):
-    assert main([str(tmp_path), str(tmp_path / "o"), "group"]) == 64
-    assert "not yet available" in capsys.readouterr().err
+def test_group_level_without_participant_outputs(tmp_path, capsys):
+    assert main([str(tmp_path), str(tmp_path / "o"), "group"]) == 18
+    assert "run the participant level first" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -10,6 +10,7 @@ One run over copies of sub-01, each stored the way some scanner or tool would:
 - 09: phase stored as -500..500, which is no known range.
 """
 
+import html
 import json
 import shutil
 
@@ -189,7 +190,7 @@ def test_unknown_integer_range_fails_until_phase_scale_says_how(first_run, conve
     code, err, out = first_run
     (line,) = [ln for ln in err.splitlines() if "sub-09 failed" in ln]
     assert "-500..500, which is not one of the known ranges" in line
-    assert "--phase-scale" in line and not (out / "sub-09").exists()
+    assert "--phase-scale" in line and not (out / "sub-09" / "anat").exists()
     root, base, _ = converted
     code, err = run_cli([root, out, "participant", "-w", base / "work", *ARGS,
                          "--participant-label", "09", "--phase-scale", "pi/500"])  # fmt: skip
@@ -203,6 +204,21 @@ def _run(**metadata):
 
     return MEGRERun("01", None, {"subject": "01"}, "MEGRE", ("m.nii",), ("p.nii",), (0.01,),
                     metadata.pop("b0", 3.0), "rad", (4, 4, 4), metadata)  # fmt: skip
+
+
+def test_reports_show_how_the_inputs_were_read(first_run, converted):
+    code, err, out = first_run
+    page = {sub: html.unescape((out / f"sub-{sub}.html").read_text())
+            for sub in ("01", "02", "04", "05", "06")}  # fmt: skip
+    assert "+1 (Manufacturer 'qsmprep': qsmprep (simulated) convention)" in page["01"]
+    assert "3 T, from MagneticFieldStrength" in page["01"]
+    assert "-1 (Manufacturer 'GE MEDICAL SYSTEMS': GE convention)" in page["02"]
+    assert "from the qform (scanner, code 1)" in page["04"]
+    ppm_b0 = round(FREQUENCY_MHZ / GAMMA_BAR_MHZ_PER_T, 6)
+    assert f"imaging frequency {FREQUENCY_MHZ} MHz" in page["05"]
+    assert f"{ppm_b0:g} T, from ImagingFrequency" in page["05"]
+    assert f"NaN/Inf voxels in the inputs</th><td>{converted[2]}:" in page["06"]
+    assert "NaN/Inf voxels" not in page["01"]
 
 
 def test_phase_sign_choices(caplog):

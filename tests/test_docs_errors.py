@@ -1,5 +1,6 @@
 """docs/troubleshooting.md lists every error and warning message of the modules that
-check the user's input, options and data conventions."""
+check the user's input, options and data conventions, and of the reports and the group
+level's templates."""
 
 import ast
 import re
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["bids.py", "config.py", "cli/run.py", "conventions.py", "qsm/phase.py"]
-ERRORS = {"BIDSError", "ConfigError", "PhaseScalingError"}
+MODULES = ["bids.py", "config.py", "cli/run.py", "cli/reporting.py", "conventions.py",
+           "qsm/phase.py", "group/templates.py"]  # fmt: skip
+ERRORS = {"BIDSError", "ConfigError", "PhaseScalingError", "TemplateError"}
 
 
 def _pieces(node: ast.AST) -> list[str]:

@@ -67,7 +67,9 @@ def test_exit_1_and_one_line_per_failed_participant(first_run):
     (sub04,) = [ln for ln in lines if "sub-04" in ln]
     assert "prepare_echoes" in sub04 and "PhaseScalingError" in sub04
     assert list((work / "crash" / "sub-04").glob("crash-*.txt"))  # crash file in the work dir
-    assert not (out / "sub-03").exists() and not (out / "sub-04").exists()
+    # no outputs for them; their folders hold only the log and report figures
+    assert not (out / "sub-03" / "anat").exists() and not (out / "sub-04" / "anat").exists()
+    assert list((out / "sub-04" / "log").glob("*/crash-*.txt"))  # crash file copied
 
 
 @pytest.mark.parametrize("sub", ["01", "02"])

@@ -2,6 +2,7 @@
 participant, runs that fail late or are re-run, and interruptions. No traceback may reach
 the terminal, and no run's outputs may land half-written or mixed with another's."""
 
+import html
 import json
 import os
 import shutil
@@ -36,6 +37,29 @@ def _snapshot(folder):
     }
 
 
+def _is_report_file(rel: str) -> bool:
+    """The files that every invocation rewrites for its participants, successful or not:
+    log folders, reports, the figures the report draws from the outputs, citations."""
+    parts = rel.split("/")
+    return (
+        "log" in parts
+        or parts[0] == "logs"
+        or rel.endswith(".html")
+        or ("figures" in parts and "_desc-phase_qc." not in rel)  # phase: staged with the run
+    )
+
+
+def _outputs(folder):
+    """:func:`_snapshot` of the run outputs (the phase figure, staged with them, included)."""
+    return {k: v for k, v in _snapshot(folder).items() if not _is_report_file(k)}
+
+
+def _errors(out, sub):
+    """The errors.txt of the participant's newest log folder (the report's error list)."""
+    (latest, *_) = sorted((out / f"sub-{sub}" / "log").iterdir(), reverse=True)
+    return (latest / "errors.txt").read_text()
+
+
 #: participant -> (what is broken in it, what its one-line error must say)
 BROKEN = {
     "02": ("echo-2_part-phase_MEGRE.json", "{bad", "phase_MEGRE.json is not valid JSON"),
@@ -62,7 +86,9 @@ def test_broken_files_fail_only_their_participant(dataset, tmp_path, run_cli, co
     for sub, (name, _, message) in BROKEN.items():
         (line,) = [ln for ln in err.splitlines() if f"sub-{sub} failed:" in ln]
         assert f"sub-{sub}_{name.split('.')[0]}" in line and message in line, line
-        assert not (out / f"sub-{sub}").exists()
+        assert not (out / f"sub-{sub}" / "anat").exists()  # only its log and report
+        assert message in _errors(out, sub)
+        assert message in html.unescape((out / f"sub-{sub}.html").read_text())
     assert "crash file: " in line  # the truncated file fails in a node: see its crash file
     assert (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").is_file()
     assert not (out / STAGE_DIRNAME).exists()
@@ -73,15 +99,17 @@ def test_a_failed_rerun_leaves_the_complete_outputs_untouched(dataset, tmp_path,
     argv = [dataset.root, out, "participant", "-w", work, *TKD]
     code, err = run_cli(argv)
     assert code == 0, err
-    before = _snapshot(out)
+    before = _outputs(out)
     assert "sub-01/anat/sub-01_desc-romeo_quality.nii.gz" in before
+    assert "sub-01/figures/sub-01_desc-phase_qc.png" in before
     # a late failure (the inversion cannot load its model) after new fields were computed
     model = tmp_path / "corrupt.pt"
     model.write_bytes(b"not a model")
     code, err = run_cli(argv + ["--bf-removal", "vsharp", "--inversion", "adaptive-unet",
                                 "--model", model, "--device", "cpu"])  # fmt: skip
     assert code == 1 and "dipole_inversion (run of sub-01_echo-1_part-phase" in err
-    assert _snapshot(out) == before  # nothing of the failed run landed
+    assert _outputs(out) == before  # nothing of the failed run landed
+    assert "dipole_inversion" in _errors(out, "01")  # its report says why
     # a successful re-run replaces the whole set, including files it no longer makes
     code, err = run_cli(argv + ["--bf-removal", "vsharp", "--unwrapping", "laplacian"])
     assert code == 0, err
@@ -115,6 +143,19 @@ def test_commit_replaces_only_the_runs_own_files(tmp_path):
     assert sorted(new) == [str(out / anat / "sub-01_Chimap.json"),
                            str(out / anat / "sub-01_Chimap.nii.gz")]  # fmt: skip
     assert not list((stage / anat).iterdir())
+
+
+def test_run_output_tails_cover_every_output_the_reports_read():
+    """A new set of a run's outputs must replace each kind that the reports know."""
+    import re
+
+    from qsmprep.reports.outputs import OUTPUT_SUFFIXES, QUALITY_SUFFIX
+
+    names = [
+        f"{suffix}.{ext}" for suffix in OUTPUT_SUFFIXES.values() for ext in ("nii.gz", "json")
+    ]
+    names += [f"desc-romeo_{QUALITY_SUFFIX}.nii.gz", f"desc-romeo_{QUALITY_SUFFIX}.json"]
+    assert [n for n in names if not re.fullmatch(RUN_OUTPUT_TAILS, n)] == []
 
 
 def _descendants(pid: int) -> list[int]:
@@ -190,7 +231,9 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
-    assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01").exists()
+    assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01" / "anat").exists()
+    assert f"interrupted by {sig.name}" in _errors(out, "01")  # its log and report say so
+    assert f"interrupted by {sig.name}" in (out / "sub-01.html").read_text()
     if not resume:
         return
     # The same command resumes from the work directory: only the inversion runs again, and
@@ -204,4 +247,27 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
     code, err = run_cli([*args[:1], ref, "participant", "-w", tmp_path / "ref_work",
                          *args[5:], "--nprocs", "1"])  # fmt: skip
     assert code == 0, err
-    assert _snapshot(out / "sub-01") == _snapshot(ref / "sub-01")
+    assert _outputs(out / "sub-01") == _outputs(ref / "sub-01")
+
+
+def test_a_second_signal_is_ignored_during_cleanup_except_where_it_may_abort(monkeypatch):
+    import logging
+
+    from qsmprep.cli import interrupt
+    from qsmprep.cli.interrupt import Interrupted, handle_signals, next_signal_aborts
+
+    monkeypatch.setattr(interrupt, "_pool_broken", [])  # this process's state stays as it was
+    monkeypatch.setattr(logging.getLogger("concurrent.futures"), "filters", [])
+    with handle_signals():
+        with pytest.raises(Interrupted) as first:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises here
+        assert first.value.exit_code == 143
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the cleanup must finish
+        time.sleep(0.05)
+        with pytest.raises(Interrupted) as second, next_signal_aborts():
+            os.kill(os.getpid(), signal.SIGINT)  # cuts the optional part short
+            time.sleep(1)
+        assert second.value.name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)  # ignored again after the block
+        time.sleep(0.05)

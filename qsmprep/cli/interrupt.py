@@ -30,6 +30,9 @@ _received: list[int] = []
 #: Whether an interruption has broken nipype's process pool in this process (for good).
 _pool_broken: list[bool] = []
 
+#: Set within :func:`next_signal_aborts`: a further signal raises again.
+_abortable: list[bool] = []
+
 
 class Interrupted(BaseException):
     """The run was interrupted by ``signum`` (a BaseException, like KeyboardInterrupt, so
@@ -79,7 +82,8 @@ _NIPYPE = logging.getLogger("nipype.workflow")
 def handle_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`Interrupted` within the block (main thread only;
     elsewhere it does nothing). The first signal raises; later ones are ignored while the
-    caller cleans up. The previous handlers come back afterwards."""
+    caller cleans up (except within :func:`next_signal_aborts`). The previous handlers come
+    back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -96,6 +100,8 @@ def handle_signals() -> Iterator[None]:
             _pool_broken.append(True)
             _NIPYPE.disabled = True
             raise Interrupted(signum)
+        if _abortable:
+            raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     nipype_disabled = _NIPYPE.disabled
@@ -110,6 +116,18 @@ def handle_signals() -> Iterator[None]:
         _NIPYPE.disabled = nipype_disabled
         if not _pool_broken:
             pool_log.removeFilter(_POOL_LOG)
+
+
+@contextmanager
+def next_signal_aborts() -> Iterator[None]:
+    """Within the block, a signal that follows the first one raises :class:`Interrupted`
+    instead of being ignored: for cleanup work that may be cut short (the interrupted
+    participant's report), so that a second Ctrl-C stops at once."""
+    _abortable.append(True)
+    try:
+        yield
+    finally:
+        _abortable.clear()
 
 
 def check_interrupted() -> None:

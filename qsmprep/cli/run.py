@@ -3,7 +3,10 @@
 ``qsmprep BIDS_DIR OUTPUT_DIR participant [options]`` processes every multi-echo GRE run
 of the selected participants and writes a BIDS derivatives dataset to OUTPUT_DIR.
 Each participant runs as its own nipype workflow, so one failure never loses another
-participant's outputs, and each run's outputs land together once all are written.
+participant's outputs, and each run's outputs land together once all are written; then
+the participant's log folder and report are written from what OUTPUT_DIR holds
+(:mod:`qsmprep.cli.reporting`), also when it failed or was interrupted.
+``qsmprep BIDS_DIR OUTPUT_DIR group`` runs the group level (:mod:`qsmprep.cli.group`).
 Exit codes (BIDS-Apps draft): 0 all done, 1 a participant failed (the others are
 written), 2 qsmprep's own error, 16 the input dataset is not valid BIDS, 18 nothing
 selected, 64 usage, 130 / 143 interrupted by SIGINT / SIGTERM. No traceback reaches the
@@ -24,7 +27,9 @@ import tempfile
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..config import (
@@ -36,6 +41,7 @@ from ..config import (
     EXIT_NOTHING_SELECTED,
     EXIT_OK,
     EXIT_USAGE,
+    REGISTRATIONS,
     Config,
     ConfigError,
     load_toml,
@@ -48,6 +54,7 @@ from .interrupt import (
     Interrupted,
     check_interrupted,
     handle_signals,
+    next_signal_aborts,
     status_callback,
     stop_workers,
 )
@@ -100,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "analysis_level",
         choices=["participant", "group"],
-        help="participant: process participants; group: not yet available",
+        help="participant: process participants; group: QC table, group report and "
+        "deep-grey ROI statistics in MNI152NLin2009cAsym over the participants' outputs",
     )
     parser.add_argument("--version", action="version", version=f"qsmprep {__version__}")
 
@@ -226,6 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RAD_PER_UNIT",
         help="radians per stored phase unit, e.g. pi/4096 or 0.001, for phase that is neither "
         "radians nor a known integer range (default: detected from Units and the values)",
+    )
+
+    g = parser.add_argument_group("reports and group level")
+    g.add_argument(
+        "--reports-only",
+        action="store_true",
+        default=None,
+        help="write the participant reports again from OUTPUT_DIR and stop (nothing is processed)",
+    )
+    g.add_argument(
+        "--boilerplate-only",
+        action="store_true",
+        default=None,
+        help="write the methods boilerplate (OUTPUT_DIR/logs/CITATION.md, .html, .bib) for "
+        "the selected runs and stop",
+    )
+    g.add_argument(
+        "--registration",
+        choices=REGISTRATIONS,
+        help="group level: registration of each run's magnitude to MNI152NLin2009cAsym: "
+        "affine, or affine then SyN (default: affine; SyN moved the deep grey ROIs off the "
+        "phantom's nuclei)",
+    )
+    g.add_argument(
+        "--template-chimaps",
+        action="store_true",
+        default=None,
+        help="group level: also write each run's Chimap in MNI152NLin2009cAsym space",
     )
 
     g = parser.add_argument_group("resources and execution")
@@ -459,43 +495,63 @@ def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
     return None
 
 
-def run_participant(cfg: Config, subject: str, runs: list, stage_dir: Path) -> list[str]:
-    """Build and run one participant's workflow, staging its outputs in ``stage_dir``;
-    return failure lines (empty: success)."""
-    from ..bids import BIDSError
+def build_participant_wf(cfg: Config, subject: str, runs: list, stage_dir: Path | None = None):
+    """One participant's workflow, from the settings, staging its outputs in ``stage_dir``
+    (``BIDSError``/``ValueError`` if the runs cannot be processed as asked)."""
     from ..workflows import init_participant_wf
 
     ex, wf_cfg = cfg.execution, cfg.workflow
-    crash_dir = ex.work_dir / "crash" / f"sub-{subject}"
+    return init_participant_wf(
+        subject,
+        runs,
+        bids_dir=ex.bids_dir,
+        output_dir=ex.output_dir,
+        unwrapping=wf_cfg.unwrapping,
+        bf_removal=wf_cfg.bf_removal,
+        inversion=wf_cfg.inversion,
+        masking=wf_cfg.masking,
+        input_type=wf_cfg.input_type,
+        mcpc3ds=wf_cfg.mcpc3ds,
+        two_pass=wf_cfg.two_pass,
+        masks=_masks(cfg, runs),
+        r2star=cfg.r2star_method,
+        swi=wf_cfg.swi,
+        device=wf_cfg.device,
+        model=wf_cfg.model,
+        fallback_field_strength=ex.field_strength,
+        phase_sign=wf_cfg.phase_sign,
+        phase_scale=wf_cfg.phase_scale,
+        omp_nthreads=cfg.resources.threads,
+        max_mem_gb=cfg.resources.mem_gb,
+        stage_dir=stage_dir,
+    )
+
+
+def _crash_dir(cfg: Config, subject: str) -> Path:
+    """Where the crash files of a participant go (its log folder gets copies)."""
+    return cfg.execution.work_dir / "crash" / f"sub-{subject}"
+
+
+def prepare_participant(
+    cfg: Config, subject: str, runs: list, stage_dir: Path
+) -> tuple[object | None, list[str]]:
+    """Build one participant's workflow (:func:`build_participant_wf`); return it, or
+    ``None`` and the line that says why it cannot be built."""
+    from ..bids import BIDSError
+
     try:
-        wf = init_participant_wf(
-            subject,
-            runs,
-            bids_dir=ex.bids_dir,
-            output_dir=ex.output_dir,
-            unwrapping=wf_cfg.unwrapping,
-            bf_removal=wf_cfg.bf_removal,
-            inversion=wf_cfg.inversion,
-            masking=wf_cfg.masking,
-            input_type=wf_cfg.input_type,
-            mcpc3ds=wf_cfg.mcpc3ds,
-            two_pass=wf_cfg.two_pass,
-            masks=_masks(cfg, runs),
-            r2star=cfg.r2star_method,
-            swi=wf_cfg.swi,
-            device=wf_cfg.device,
-            model=wf_cfg.model,
-            fallback_field_strength=ex.field_strength,
-            phase_sign=wf_cfg.phase_sign,
-            phase_scale=wf_cfg.phase_scale,
-            omp_nthreads=cfg.resources.threads,
-            max_mem_gb=cfg.resources.mem_gb,
-            stage_dir=stage_dir,
-        )
+        return build_participant_wf(cfg, subject, runs, stage_dir), []
     except (BIDSError, ValueError) as e:
-        return [str(e)]
+        return None, [str(e)]
     except Exception as e:
-        return [_unexpected("building the workflow", e, crash_dir)]
+        return None, [_unexpected("building the workflow", e, _crash_dir(cfg, subject))]
+
+
+def run_participant(cfg: Config, subject: str, runs: list, wf) -> list[str]:
+    """Run one participant's workflow (from :func:`build_participant_wf`); return failure
+    lines (empty: success)."""
+    ex = cfg.execution
+    crash_dir = _crash_dir(cfg, subject)
     crash_dir.mkdir(parents=True, exist_ok=True)
     wf.base_dir = str(ex.work_dir)
     wf.config["execution"].update(
@@ -529,12 +585,26 @@ def check_writable(folder: Path, what: str) -> str | None:
     return None
 
 
+@dataclass
+class _Participant:
+    """The participant being processed, for its log and report if a signal stops it."""
+
+    subject: str
+    runs: list
+    log: Any  # reporting.ParticipantLog
+    wf: Any = None
+    writing_report: bool = False
+
+
 class _Session:
-    """What one ``qsmprep`` invocation must undo when it stops early: its staged outputs."""
+    """What one ``qsmprep`` invocation must undo or record when it stops early: its staged
+    outputs, and the log and report of the participant it was processing."""
 
     def __init__(self):
+        self.cfg: Config | None = None
         self.crash_dir: Path | None = None
         self.stage_dir: Path | None = None
+        self.current: _Participant | None = None
 
     def remove_staged(self) -> None:
         if self.stage_dir is None:
@@ -544,6 +614,31 @@ class _Session:
             self.stage_dir.parent.rmdir()
         except OSError:
             pass
+
+    def record_interruption(self, error: Interrupted) -> str:
+        """Write the interrupted participant's log folder and report (a further signal cuts
+        that short); return what to tell the user about it."""
+        from . import reporting
+
+        current, self.current = self.current, None
+        if current is None or self.cfg is None:
+            return ""
+        sub = f"sub-{current.subject}"
+        if current.writing_report:  # its outputs are complete; only the report is not
+            return f"; the report of {sub} is incomplete: --reports-only writes it again"
+        line = (
+            f"interrupted by {error.name}: the outputs of this attempt were discarded (earlier "
+            "outputs are kept); run the same command again to resume"
+        )
+        try:
+            with next_signal_aborts():
+                reporting.finish_participant(
+                    self.cfg, current.subject, current.runs, current.log, [line], current.wf
+                )
+        except Interrupted:
+            current.log.close()
+            return f"; the log of {sub} is in {current.log.folder} (its report was cut short)"
+        return f"; the log and report of {sub} say so"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,23 +663,34 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as e:
             workers = stop_workers()
             session.remove_staged()
+            recorded = session.record_interruption(e)
             stopped = f"stopped {workers} worker process(es), " if workers else ""
             print(
                 f"qsmprep: interrupted by {e.name}: {stopped}removed the unfinished outputs; "
-                "run the same command again to resume from the work directory",
+                f"run the same command again to resume from the work directory{recorded}",
                 file=sys.stderr,
             )
             return e.exit_code
 
 
 def _main(argv: list[str] | None, session: _Session) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    started = time.time()
     cfg = parse_args(argv)
     _setup_logging(cfg.execution.verbose)
     ex = cfg.execution
-    session.crash_dir = ex.work_dir / "crash"
+    session.cfg, session.crash_dir = cfg, ex.work_dir / "crash"
     if ex.analysis_level == "group":
-        print("qsmprep: the group level is not yet available", file=sys.stderr)
-        return EXIT_USAGE
+        from .group import run_group
+
+        return run_group(cfg)
+    if ex.reports_only:
+        from .reporting import reports_only
+
+        failed = reports_only(cfg, _output_subjects(cfg))
+        for line in failed:
+            print(f"qsmprep: {line}", file=sys.stderr)
+        return EXIT_FAILED if failed else EXIT_OK
 
     from ..bids import (
         BIDSError,
@@ -661,22 +767,40 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         return EXIT_USAGE
 
     from ..interfaces.bids import write_dataset_description
+    from . import reporting
 
+    if ex.boilerplate_only:
+        return _boilerplate_only(cfg, selected)
     for folder, what in ((ex.output_dir, "output directory"), (ex.work_dir, "work directory")):
         problem = check_writable(folder, what)
         if problem:
             print(f"qsmprep: {problem}", file=sys.stderr)
             return EXIT_USAGE
     write_dataset_description(ex.output_dir, ex.bids_dir)
+    for subject, lines in failures.items():  # its runs could not be found: a log and report
+        log = reporting.start_participant_log(cfg, subject, argv, started)
+        session.current = _Participant(subject, [], log, writing_report=True)
+        reporting.finish_participant(cfg, subject, [], log, lines)
+        session.current = None
     session.stage_dir = ex.output_dir / STAGE_DIRNAME / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     for subject, runs in selected.items():
         t0 = time.perf_counter()
+        current = _Participant(subject, runs, reporting.start_participant_log(cfg, subject, argv))
+        session.current = current
         logger.info("sub-%s: %d run(s)", subject, len(runs))
-        lines = run_participant(cfg, subject, runs, session.stage_dir / f"sub-{subject}")
+        stage = session.stage_dir / f"sub-{subject}"
+        current.wf, lines = prepare_participant(cfg, subject, runs, stage)
+        if current.wf is not None:
+            lines = run_participant(cfg, subject, runs, current.wf)
+        shutil.rmtree(stage, ignore_errors=True)  # what a failed run left staged
         if lines:
             failures[subject] = lines
         else:
             logger.info("sub-%s: done in %.0f s", subject, time.perf_counter() - t0)
+        # the run's outputs are committed (or kept as they were): the report reads them
+        current.writing_report = True
+        reporting.finish_participant(cfg, subject, runs, current.log, lines, current.wf)
+        session.current = None
 
     done = [s for s in selected if s not in failures]
     if done:
@@ -686,6 +810,35 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         for line in lines:
             print(f"qsmprep: sub-{subject} failed: {line}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _output_subjects(cfg: Config) -> list[str]:
+    """Participants with a folder in OUTPUT_DIR (those of --participant-label only)."""
+    found = sorted(p.name[4:] for p in cfg.execution.output_dir.glob("sub-*") if p.is_dir())
+    wanted = cfg.execution.participant_label
+    return [s for s in found if wanted is None or s in wanted]
+
+
+def _boilerplate_only(cfg: Config, selected: dict[str, list]) -> int:
+    """--boilerplate-only: the methods text of the selected runs, into OUTPUT_DIR/logs."""
+    from ..bids import BIDSError
+    from .reporting import write_methods
+
+    problem = check_writable(cfg.execution.output_dir, "output directory")
+    if problem:
+        print(f"qsmprep: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    paragraphs: list[str] = []
+    for subject, runs in selected.items():
+        try:
+            text = build_participant_wf(cfg, subject, runs).visit_desc()
+        except (BIDSError, ValueError) as e:
+            print(f"qsmprep: sub-{subject}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        paragraphs += [p for p in text.split("\n\n") if p not in paragraphs]
+    write_methods("\n\n".join(paragraphs), None, cfg.execution.output_dir)
+    print(f"qsmprep: methods boilerplate in {cfg.execution.output_dir / 'logs'}", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

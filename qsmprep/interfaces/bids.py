@@ -38,6 +38,12 @@ NONSTANDARD_PATTERNS = (
     "*_swi.json",
     "*_minIP.nii.gz",
     "*_minIP.json",
+    "*_rois.tsv",  # group level: deep grey ROI statistics per run
+    "*.html",  # reports, with their figures, logs and the group level's folder
+    "**/figures",
+    "**/log",
+    "logs",
+    "group",
 )
 
 

@@ -336,6 +336,9 @@ class _FieldMapInputSpec(BaseInterfaceInputSpec):
 class _FieldMapOutputSpec(TraitedSpec):
     total_field = File(exists=True, desc="total field (Hz)")
     quality = File(desc="voxel quality in [0, 1], when the method gives one")
+    unwrapped_last = File(
+        exists=True, desc="unwrapped phase of the last echo (rad), for the report"
+    )
 
 
 class FieldMap(SimpleInterface):
@@ -385,6 +388,9 @@ class FieldMap(SimpleInterface):
                 field_hz = fit_field(unwrapped, mag, tes, mask=mask)
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
+        )
+        self._results["unwrapped_last"] = save_like(
+            unwrapped[..., -1], img, os.path.join(runtime.cwd, "unwrapped_last_echo.nii.gz")
         )
         if quality is not None:
             self._results["quality"] = save_like(

@@ -19,6 +19,7 @@ from ..bids import MEGRERun, bids_uri
 from ..conventions import phase_sign as run_phase_sign
 from ..conventions import ppm_field_strength
 from ..interfaces.bids import CommitRun, DerivativesSink
+from .boilerplate import REPORT_POSTDESC, LiterateWorkflow, participant_desc
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
 logger = logging.getLogger("qsmprep")
@@ -83,6 +84,11 @@ def _node_name(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_")
 
 
+def qsm_workflow_name(prefix: str) -> str:
+    """Name of the :func:`init_qsm_wf` of the run ``prefix`` inside the participant workflow."""
+    return f"qsm_{_node_name(prefix)}_wf"
+
+
 def init_participant_wf(
     subject: str,
     runs: Sequence[MEGRERun],
@@ -107,6 +113,7 @@ def init_participant_wf(
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
     stage_dir: Path | None = None,
+    reportlets: bool = True,
     name: str | None = None,
 ) -> pe.Workflow:
     """One participant: a :func:`init_qsm_wf` per run, feeding the derivatives sinks.
@@ -129,10 +136,14 @@ def init_participant_wf(
     unit, ``None``: detected) say how to read the phase. The sign, the scaling and the
     field strength used are recorded in the sidecars. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
+    ``reportlets`` adds, per run, the report's phase figure (it needs intermediates), which
+    is staged and committed with the run's outputs into ``output_dir/sub-X/figures/``.
     """
     if not runs:
         raise ValueError(f"no multi-echo GRE run for sub-{subject}")
-    wf = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf = LiterateWorkflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf.__desc__ = participant_desc()
+    wf.__postdesc__ = REPORT_POSTDESC
     records = {
         "unwrapping": method_record("unwrapping", unwrapping),
         "masking": method_record("masking", masking),
@@ -185,7 +196,7 @@ def init_participant_wf(
             model=str(model) if model else None,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
-            name=f"qsm_{_node_name(run.prefix)}_wf",
+            name=qsm_workflow_name(run.prefix),
         )
         inputs = qsm_wf.get_node("inputnode").inputs
         inputs.mag_files = list(run.mag_files)
@@ -225,8 +236,11 @@ def init_participant_wf(
         if swi:
             outputs += _swi_outputs(run, bids_dir)
         node = _node_name(run.prefix)
+        with_reportlet = reportlets and run.fieldmap_file is None
         merge = pe.Node(
-            niu.Merge(2 * len(outputs)), name=f"ds_{node}_files", run_without_submitting=True
+            niu.Merge(2 * len(outputs) + 2 * with_reportlet),
+            name=f"ds_{node}_files",
+            run_without_submitting=True,
         )
         commit = pe.Node(
             CommitRun(
@@ -257,7 +271,37 @@ def init_participant_wf(
                 wf.connect(qsm_wf, "outputnode.conventions", sink, "extra_meta")
             wf.connect([(sink, merge, [("out_file", f"in{2 * i + 1}"),
                                        ("out_meta", f"in{2 * i + 2}")])])  # fmt: skip
+        if with_reportlet:
+            reportlet = _phase_reportlet(wf, qsm_wf, run, stage_dir, outputs, applied)
+            n = 2 * len(outputs)
+            wf.connect([(reportlet, merge, [("out_file", f"in{n + 1}"),
+                                            ("out_json", f"in{n + 2}")])])  # fmt: skip
     return wf
+
+
+def _phase_reportlet(wf, qsm_wf, run: MEGRERun, stage_dir: Path, outputs, mcpc3ds: bool):
+    """The report's figure of the last echo's phase before and after unwrapping, staged in
+    ``stage_dir`` like the run's outputs (it lands in ``sub-X/figures/`` with them)."""
+    from ..reports.outputs import OUTPUT_SUFFIXES, figure_path
+    from ..reports.reportlets import PhaseReportlet
+
+    chi_name = next(out_name for field, out_name, *_ in outputs if field == "chi_map")
+    stem = chi_name.removesuffix(f"_{OUTPUT_SUFFIXES['chi_map']}.nii.gz")
+    node = pe.Node(
+        PhaseReportlet(
+            echo_index=-1,
+            echo_times=list(run.echo_times),
+            offset_removed=mcpc3ds,
+            out_file=str(figure_path(stage_dir, run.subject, stem, "phase")),
+        ),
+        name=f"report_{_node_name(run.prefix)}_phase",
+        mem_gb=0.5,
+    )
+    wf.connect([(qsm_wf, node, [("outputnode.phase", "in_phase"),
+                                ("outputnode.unwrapped_last", "unwrapped"),
+                                ("outputnode.mask", "mask"),
+                                ("outputnode.phase_scaling", "phase_scaling")])])  # fmt: skip
+    return node
 
 
 def check_arlo(run: MEGRERun) -> None:

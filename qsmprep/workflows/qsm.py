@@ -17,6 +17,7 @@ from ..interfaces.qsm import (
     Relaxometry,
     UserMask,
 )
+from .boilerplate import LiterateWorkflow, qsm_desc
 
 #: Memory (GB) of the light nodes (stacking echoes, masking).
 LIGHT_MEM_GB = 0.5
@@ -175,6 +176,10 @@ def init_qsm_wf(
         R2* (1/s) and T2* (s), with ``r2star``.
     swi, minip : str
         SWI and its minIP (the magnitude's scale), with ``swi``.
+    phase, unwrapped_last, phase_scaling : str
+        For the report (not with ``input_type="fieldmap"``): the phase as read (rad,
+        ``(X, Y, Z, E)``, after ``phase_sign`` and the NaN/Inf filling), the unwrapped phase
+        of the last echo, and how the stored phase was scaled to radians.
     """
     check_methods(
         unwrapping,
@@ -186,7 +191,19 @@ def init_qsm_wf(
         r2star=r2star,
         swi=swi,
     )
-    wf = pe.Workflow(name=name)
+    wf = LiterateWorkflow(name=name)
+    wf.__desc__ = qsm_desc(
+        unwrapping=unwrapping,
+        bf_removal=bf_removal,
+        inversion=inversion,
+        masking=masking,
+        input_type=input_type,
+        mcpc3ds=mcpc3ds,
+        two_pass=two_pass,
+        user_mask=user_mask,
+        r2star=r2star,
+        swi=swi,
+    )
     inputnode = pe.Node(
         niu.IdentityInterface(
             fields=[
@@ -222,6 +239,9 @@ def init_qsm_wf(
                 "t2star",
                 "swi",
                 "minip",
+                "phase",
+                "unwrapped_last",
+                "phase_scaling",
             ]
         ),
         name="outputnode",
@@ -279,7 +299,9 @@ def init_qsm_wf(
                                ("phase_units", "phase_units"),
                                ("phase_sign", "phase_sign"),
                                ("phase_scale", "phase_scale")]),
-            (prep, outputnode, [("conventions", "conventions")]),
+            (prep, outputnode, [("conventions", "conventions"),
+                                ("out_phase", "phase"),
+                                ("phase_scaling", "phase_scaling")]),
             (inputnode, fieldmap, [("echo_times", "echo_times")]),
             (prep, fieldmap, [("out_mag", "in_mag"),
                               ("out_phase", "in_phase"),
@@ -288,7 +310,8 @@ def init_qsm_wf(
             (prep, fill, [("out_valid", "valid")]),
             (fill, bgremove, [("total_field", "total_field")]),
             (fill, outputnode, [("total_field", "total_field")]),
-            (fieldmap, outputnode, [("quality", "quality")]),
+            (fieldmap, outputnode, [("quality", "quality"),
+                                    ("unwrapped_last", "unwrapped_last")]),
         ])
         # fmt: on
 
