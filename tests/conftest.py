@@ -1,5 +1,6 @@
 import contextlib
 import io
+import json
 import os
 
 import pytest
@@ -65,13 +66,15 @@ def _copy_subject(root, src, dst, transform):
 
 @pytest.fixture(scope="session")
 def phantom_study(tmp_path_factory, run_cli):
-    """A small (4 mm) phantom study processed once with the defaults, for the report and
-    group-level tests:
+    """A small (4 mm) phantom study processed once with the defaults (the input checked by
+    the BIDS validator), shared read-only by the end-to-end, report and group-level tests:
 
     - sub-01, sub-02, sub-03: three heads (phantom seeds 0, 1, 2) with B0 axial, tilted
       (20, 10) and (0, 15) degrees;
     - sub-04: sub-01 with its phase sign inverted (as GE stores it);
-    - sub-05: sub-01 with a phase that is neither radians nor integers (fails in a node).
+    - sub-05: sub-01 with a phase that is neither radians nor integers (fails in a node);
+    - sub-06: sub-01 without MagneticFieldStrength in its sidecars (fails until
+      --field-strength is given).
 
     Returns a dict: ``info`` (the dataset), ``root``, ``out``, ``work``, ``code`` and
     ``err`` of the participant run.
@@ -91,8 +94,12 @@ def phantom_study(tmp_path_factory, run_cli):
     )
     _copy_subject(root, "01", "04", lambda p: -p)
     _copy_subject(root, "01", "05", lambda p: p * 10.5)
+    _copy_subject(root, "01", "06", lambda p: p)
+    for sidecar in sorted((root / "sub-06" / "anat").glob("*.json")):
+        meta = json.loads(sidecar.read_text())
+        del meta["MagneticFieldStrength"]
+        sidecar.write_text(json.dumps(meta))
     out, work = base / "out", base / "work"
-    code, err = run_cli([root, out, "participant", "-w", work, "--nprocs", "1",
-                         "--skip-bids-validation"])  # fmt: skip
+    code, err = run_cli([root, out, "participant", "-w", work, "--nprocs", "1"])
     return {"info": info, "root": root, "out": out, "work": work, "code": code, "err": err,
             "base": base}  # fmt: skip

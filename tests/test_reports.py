@@ -46,7 +46,7 @@ def processed(phantom_study, run_cli):
 
 def test_report_figures_and_logs_are_written(processed):
     out = processed["out"]
-    assert processed["code"] == 1  # sub-05 failed; the others are complete
+    assert processed["code"] == 1  # sub-05 and sub-06 failed; the others are complete
     assert (out / "sub-01.html").is_file()
     for name in FIGURES:
         assert (out / "sub-01" / "figures" / f"sub-01_desc-{name}_qc.png").stat().st_size > 1000
