@@ -10,6 +10,7 @@ failed, 16 the input dataset is not valid BIDS, 18 nothing selected, 64 usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..bids import GRE_SUFFIXES, SUFFIXES
 from ..config import (
     DEFAULT_METHODS,
     DEFAULT_OPTIONS,
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = method_choices()
     parser = _Parser(
         prog="qsmprep",
+        allow_abbrev=False,  # --mem must never be taken for --mem-gb
         description="qsmprep: quantitative susceptibility mapping from multi-echo GRE, "
         "as a BIDS App.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="do not check the input with bids-validator-deno",
+    )
+    g.add_argument(
+        "--megre-suffix",
+        nargs="+",
+        choices=GRE_SUFFIXES,
+        metavar="SUFFIX",
+        help="BIDS suffix(es) of the multi-echo GRE magnitude/phase images to process: "
+        f"{', '.join(GRE_SUFFIXES)} (default: {' '.join(SUFFIXES)})",
     )
     g.add_argument(
         "--field-strength",
@@ -199,10 +210,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--mem-gb", type=float, metavar="GB", help="memory limit for the scheduler, in GB"
     )
     g.add_argument(
+        "--mem",
+        "--mem-mb",
+        "--mem_mb",
+        dest="mem",
+        metavar="MB",
+        help="memory limit as fMRIPrep takes it: MB (16000), or with a unit (16G, 500M)",
+    )
+    g.add_argument(
         "--use-plugin",
         type=Path,
         metavar="FILE",
         help="nipype plugin YAML (plugin: MultiProc|SLURM|SGE|PBS..., plugin_args: {...})",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        default=None,
+        help="stop at the first failing step, without running the other steps or "
+        "participants (default: go on and report every failure at the end)",
+    )
+    g.add_argument(
+        "--clean-workdir",
+        action="store_true",
+        default=None,
+        help="delete the selected participants' earlier work (WORK_DIR/sub_<label>_wf and "
+        "its crash files) before running, instead of resuming from it",
+    )
+    g.add_argument(
+        "--write-graph",
+        action="store_true",
+        default=None,
+        help="write each participant's workflow graph to WORK_DIR/sub_<label>_wf/graph.dot "
+        "(and graph.svg when graphviz's dot is installed)",
+    )
+    g.add_argument(
+        "--resource-monitor",
+        action="store_true",
+        default=None,
+        help="record each step's run time, peak memory and CPU use in "
+        "WORK_DIR/resource_monitor/sub-<label>.jsonl (nipype's resource monitor)",
     )
     g.add_argument(
         "--config-file",
@@ -225,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     Usage errors exit with code 64.
     """
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config-file", type=Path)
     known, _ = pre.parse_known_args(argv)
     if known.config_file is not None:
@@ -382,23 +429,83 @@ def run_participant(cfg: Config, subject: str, runs: list) -> list[str]:
     except (BIDSError, ValueError) as e:
         return [str(e)]
     crash_dir = ex.work_dir / "crash" / f"sub-{subject}"
+    if ex.clean_workdir:
+        logger.info("sub-%s: deleting earlier work in %s", subject, ex.work_dir / wf.name)
+        for path in (ex.work_dir / wf.name, crash_dir):
+            shutil.rmtree(path, ignore_errors=True)
     crash_dir.mkdir(parents=True, exist_ok=True)
     wf.base_dir = str(ex.work_dir)
     wf.config["execution"].update(
         {
             "crashdump_dir": str(crash_dir),
             "crashfile_format": "txt",
-            "stop_on_first_crash": False,
+            "stop_on_first_crash": ex.stop_on_first_crash,
             "poll_sleep_duration": 0.2,  # nipype's 2 s default adds seconds per node
         }
     )
+    if ex.write_graph:
+        _write_graph(wf)
     before = set(crash_dir.glob("crash-*.txt"))
     plugin, plugin_args = _plugin(cfg)
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        with _resource_log(ex.work_dir, subject, ex.resource_monitor) as callback:
+            if callback is not None:
+                plugin_args["status_callback"] = callback
+            wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as e:  # nipype raises RuntimeError after node crashes
         return _crash_summary(crash_dir, before) or [f"{type(e).__name__}: {e}"]
     return []
+
+
+def _write_graph(wf) -> None:
+    """Write the workflow graph to WORK_DIR/<workflow>/graph.dot, and graph.svg when
+    graphviz's ``dot`` is installed; a failure to draw is a warning, never an error."""
+    fmt = "svg" if shutil.which("dot") else "dot"
+    try:
+        path = wf.write_graph("graph.dot", graph2use="colored", format=fmt, simple_form=True)
+    except (OSError, RuntimeError) as e:
+        logger.warning("could not write the workflow graph: %s", e)
+        return
+    logger.info("workflow graph: %s", path)
+
+
+@contextlib.contextmanager
+def _resource_log(work_dir: Path, subject: str, enabled: bool):
+    """nipype's resource monitor for one participant: yields the plugin's status callback,
+    which writes one JSON line per finished step (run time, peak memory in GB, CPU use in
+    %) to WORK_DIR/resource_monitor/sub-<label>.jsonl; yields None when ``enabled`` is off.
+
+    nipype's monitor writes its samples (``.proc-*``) to the current directory: the run
+    happens in WORK_DIR/resource_monitor/sub-<label>/ meanwhile, not in the user's."""
+    from nipype import config as ncfg
+    from nipype.utils.profiler import log_nodes_cb
+
+    ncfg.resource_monitor = enabled
+    if not enabled:
+        yield None
+        return
+    if not ncfg.resource_monitor:  # psutil missing: nipype warned already
+        yield None
+        return
+    path = work_dir / "resource_monitor" / f"sub-{subject}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    callback_logger = logging.getLogger("callback")
+    handler = logging.FileHandler(path)
+    callback_logger.addHandler(handler)
+    callback_logger.setLevel(logging.DEBUG)
+    callback_logger.propagate = False
+    logger.info("sub-%s: resource monitor log in %s", subject, path)
+    samples = path.with_suffix("")
+    samples.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(samples)
+    try:
+        yield log_nodes_cb
+    finally:
+        os.chdir(cwd)
+        callback_logger.removeHandler(handler)
+        handler.close()
+        ncfg.resource_monitor = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,12 +561,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger.warning("sub-%s: no multi-echo GRE run selected; skipped", subject)
     if not selected and not failures:
+        suffixes = ex.bids_filters.get("suffix", SUFFIXES)
+        suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
         wanted = (
             "fmap/*_fieldmap with *_magnitude"
             if cfg.workflow.input_type == "fieldmap"
-            else "anat/*_part-{mag,phase}_{MEGRE,T2starw}"
+            else f"anat/*_part-{{mag,phase}}_{{{','.join(suffixes)}}}"
         )
         print(f"qsmprep: no run matches the selection ({wanted})", file=sys.stderr)
+        if cfg.workflow.input_type != "fieldmap":
+            from ..bids import other_gre_suffixes
+
+            others = other_gre_suffixes(layout, subjects, suffixes)
+            if others:
+                print(
+                    f"qsmprep: magnitude and phase images with suffix {', '.join(others)} are "
+                    f"there: select them with --megre-suffix {' '.join(others)}",
+                    file=sys.stderr,
+                )
         return EXIT_NOTHING_SELECTED
     n_runs = sum(len(runs) for runs in selected.values())
     if cfg.workflow.mask_file is not None and (n_runs != 1 or failures):
@@ -481,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = run_participant(cfg, subject, runs)
         if lines:
             failures[subject] = lines
+            if ex.stop_on_first_crash:
+                break
         else:
             logger.info("sub-%s: done in %.0f s", subject, time.perf_counter() - t0)
 
