@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -377,6 +378,8 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
             args.setdefault("n_procs", res.nprocs)
             if res.mem_gb is not None:
                 args.setdefault("memory_gb", res.mem_gb)
+        elif name != "Linear":
+            _ensure_logname()
         return name, args
     if res.nprocs == 1:
         return "Linear", {}
@@ -384,6 +387,18 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
     if res.mem_gb is not None:
         args["memory_gb"] = res.mem_gb
     return "MultiProc", args
+
+
+def _ensure_logname() -> None:
+    """nipype's batch plugins (SLURM, SGE, PBS, LSF, Condor) name their jobs after
+    ``$LOGNAME``, which containers often lack (``KeyError: 'LOGNAME'``)."""
+    if os.environ.get("LOGNAME"):
+        return
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # a UID without a passwd entry (docker run --user)
+        name = f"uid{os.getuid()}"
+    os.environ["LOGNAME"] = name
 
 
 def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
