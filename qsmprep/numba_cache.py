@@ -88,15 +88,24 @@ def _seed(src: str, dst: str) -> None:
 class SeededCacheLocator(UserProvidedCacheLocator):
     """Cache numba functions in a writable folder seeded from ``$QSMPREP_NUMBA_CACHE``.
 
-    Tries ``$NUMBA_CACHE_DIR``, then a private temporary folder; declines (so that numba
-    tries its next locator) when no seed is set or neither is writable.
+    Tries ``$NUMBA_CACHE_DIR``, then a private temporary folder, then (nothing writable)
+    the seed itself, read-only; declines (so that numba tries its next locator) when no
+    seed is set or it has no entries for the function's folder.
     """
 
-    def __init__(self, py_func, py_file, root: str):
+    def __init__(self, py_func, py_file, root: str, read_only: bool = False):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
         self._subpath = self.get_suitable_cache_subpath(py_file)
         self._cache_path = os.path.join(root, self._subpath)
+        self._read_only = read_only
+
+    def ensure_cache_path(self):
+        if self._read_only:  # the seed itself: it must exist, it cannot be written
+            if not os.path.isdir(self._cache_path):
+                raise FileNotFoundError(self._cache_path)
+            return
+        super().ensure_cache_path()
 
     @classmethod
     def from_function(cls, py_func, py_file):
@@ -114,4 +123,12 @@ class SeededCacheLocator(UserProvidedCacheLocator):
             except OSError:
                 continue
             return self
-        return None
+        # Nothing writable at all (e.g. docker run --read-only without --tmpfs /tmp): read
+        # the seed as it is. Loading works; compiling a signature that is not in the seed
+        # would fail to save (PermissionError), but nothing can run there anyway.
+        self = cls(py_func, py_file, seed, read_only=True)
+        try:
+            self.ensure_cache_path()
+        except OSError:
+            return None
+        return self

@@ -32,7 +32,9 @@ def test_without_the_simulator_one_line_error(tmp_path, capsys, monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "nilearn" else find_spec(name, *a),
     )
-    monkeypatch.setattr(phantom, "_anatomy", phantom._anatomy.__wrapped__)  # no cached maps
-    assert main(["--demo-dir", str(tmp_path / "demo"), "--preset", "small"]) == 1
+    for cached in ("_anatomy", "_native_phantom"):  # no maps cached by earlier tests
+        monkeypatch.setattr(phantom, cached, getattr(phantom, cached).__wrapped__)
+    argv = ["--demo-dir", str(tmp_path / "demo"), "--preset", "small", "--nprocs", "1"]
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("qsmprep-demo: nilearn is not installed") and "qsmprep[sim]" in err

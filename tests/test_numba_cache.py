@@ -136,3 +136,31 @@ def test_qsmprep_version_as_any_user_without_home(shared_dir):
     proc = _python(["-m", "qsmprep.cli.run", "--version"], env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"qsmprep {__version__}"
+
+
+def test_nothing_writable_reads_the_seed_as_it_is(tmp_path, monkeypatch):
+    """As with docker run --read-only and no --tmpfs: no folder can be made anywhere."""
+    import qsmprep.numba_cache as nc
+
+    py_file = tmp_path / "kernel.py"
+    py_file.write_text(KERNEL)
+
+    def f():  # stands for the jitted function: the locator reads only its code object
+        pass
+
+    seed = tmp_path / "seed"
+    (seed / nc.SeededCacheLocator.get_suitable_cache_subpath(str(py_file))).mkdir(parents=True)
+    monkeypatch.setenv(nc.SEED_ENV, str(seed))
+    monkeypatch.delenv(nc.ROOT_ENV, raising=False)
+    monkeypatch.setattr(nc.config, "CACHE_DIR", "")
+
+    def no_tmp(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(nc.tempfile, "mkdtemp", no_tmp)
+    locator = nc.SeededCacheLocator.from_function(f, str(py_file))
+    assert locator is not None and locator.get_cache_path().startswith(str(seed))
+    # a seed without entries for that folder: numba's own locators are tried instead
+    monkeypatch.setenv(nc.SEED_ENV, str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    assert nc.SeededCacheLocator.from_function(f, str(py_file)) is None
