@@ -26,19 +26,55 @@ import numpy as np
 
 logger = logging.getLogger("qsmprep")
 
-#: Suffixes of the multi-echo gradient-echo images qsmprep reads.
+#: Suffixes of the multi-echo gradient-echo images qsmprep reads by default.
 SUFFIXES = ("MEGRE", "T2starw")
 
-#: pybids entity name -> BIDS key, in BIDS filename order (sub and ses first).
+#: Suffixes that ``--megre-suffix`` accepts: BIDS suffixes under which multi-echo GRE
+#: magnitude and phase are stored (``T1w`` as in qMRI QSM examples, ``MP2RAGE`` with
+#: ``inv-`` for multi-echo MP2RAGE).
+GRE_SUFFIXES = ("MEGRE", "T2starw", "T1w", "MP2RAGE")
+
+#: pybids entity name -> BIDS key, in BIDS filename order (BIDS 1.10 schema), for every
+#: entity a raw image may carry except ``echo`` and ``part``, which vary within a run.
+#: Output names keep all of them, so that two runs never share an output name.
 NAME_ENTITIES = {
     "subject": "sub",
     "session": "ses",
+    "sample": "sample",
+    "task": "task",
+    "tracksys": "tracksys",
     "acquisition": "acq",
+    "nucleus": "nuc",
+    "volume": "voi",
     "ceagent": "ce",
+    "tracer": "trc",
+    "staining": "stain",
     "reconstruction": "rec",
+    "direction": "dir",
     "run": "run",
+    "modality": "mod",
+    "flip": "flip",
+    "inv": "inv",
+    "mt": "mt",
+    "proc": "proc",
+    "recording": "recording",
     "chunk": "chunk",
 }
+
+#: Entities that BIDS allows on the derivative maps and masks qsmprep writes (anat
+#: parametric maps such as Chimap). Outputs named with any other entity of
+#: :data:`NAME_ENTITIES` (e.g. ``inv-`` of MP2RAGE inputs) are listed in the
+#: derivatives' ``.bidsignore``.
+DERIVATIVE_ENTITIES = (
+    "subject",
+    "session",
+    "task",
+    "acquisition",
+    "ceagent",
+    "reconstruction",
+    "run",
+    "chunk",
+)
 
 #: Entities that vary within one run.
 _WITHIN_RUN = {"echo", "part", "extension"}
@@ -310,16 +346,41 @@ def collect_runs(
         key = tuple(sorted((k, str(v)) for k, v in ents.items() if k not in _WITHIN_RUN))
         groups[key].append(f)
     runs = sorted((_make_run(layout, group) for group in groups.values()), key=_run_order)
+    _check_unique_names(runs)
+    return runs
+
+
+def _check_unique_names(runs: list[MEGRERun]) -> None:
+    """Refuse runs that would write to the same output names (e.g. a MEGRE and a T2starw
+    run with the same entities): one would overwrite the other."""
     seen: dict[str, str] = {}
     for run in runs:
         name = f"{run.anat_dir}/{run.prefix}"
+        first = run.fieldmap_file or run.mag_files[0]
         if name in seen:
             raise BIDSError(
                 f"two runs would write the same outputs {name}_*: {Path(seen[name]).name} "
-                f"and {Path(run.mag_files[0]).name}; select one with --bids-filter-file"
+                f"and {Path(first).name}; select one with --bids-filter-file"
             )
-        seen[name] = run.mag_files[0]
-    return runs
+        seen[name] = first
+
+
+def other_gre_suffixes(layout, subjects: list[str], selected: list[str]) -> list[str]:
+    """Suffixes of :data:`GRE_SUFFIXES` outside ``selected`` under which ``subjects`` have
+    ``anat/*_part-phase`` images: what to suggest when no run was selected."""
+    candidates = [s for s in GRE_SUFFIXES if s not in selected]
+    if not candidates or not subjects:
+        return []
+    found = layout.get(
+        subject=subjects,
+        datatype="anat",
+        part="phase",
+        suffix=candidates,
+        extension=[".nii", ".nii.gz"],
+        return_type="id",
+        target="suffix",
+    )
+    return [s for s in candidates if s in found]
 
 
 def collect_fieldmap_runs(
@@ -374,7 +435,9 @@ def collect_fieldmap_runs(
                 fieldmap_units=units,
             )
         )
-    return sorted(runs, key=_run_order)
+    runs.sort(key=_run_order)
+    _check_unique_names(runs)
+    return runs
 
 
 def _run_order(run: MEGRERun) -> tuple:

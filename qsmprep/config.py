@@ -122,7 +122,12 @@ class ExecutionConfig:
     bids_filter_file: Path | None = None
     bids_filters: dict[str, Any] = field(default_factory=dict)
     skip_bids_validation: bool = False
+    megre_suffix: list[str] | None = None
     field_strength: float | None = None
+    stop_on_first_crash: bool = False
+    write_graph: bool = False
+    resource_monitor: bool = False
+    clean_workdir: bool = False
     verbose: int = 0
     reports_only: bool = False
     boilerplate_only: bool = False
@@ -137,6 +142,7 @@ class ResourceConfig:
     nprocs: int = field(default_factory=_default_nprocs)
     omp_nthreads: int | None = None
     mem_gb: float | None = None
+    mem: str | None = None  # fMRIPrep's --mem: MB, or with a unit (16G); sets mem_gb
     use_plugin: Path | None = None
     plugin: dict[str, Any] = field(default_factory=dict)
 
@@ -233,6 +239,11 @@ class Config:
         if ex.bids_filter_file is not None:
             ex.bids_filter_file = Path(ex.bids_filter_file)
             ex.bids_filters = load_bids_filters(ex.bids_filter_file)
+        if ex.megre_suffix is not None:
+            ex.megre_suffix = _suffixes(ex.megre_suffix, ex.bids_filters)
+            ex.bids_filters = {**ex.bids_filters, "suffix": ex.megre_suffix}
+        for name in ("stop_on_first_crash", "write_graph", "resource_monitor", "clean_workdir"):
+            setattr(ex, name, bool(getattr(ex, name)))
         if ex.field_strength is not None:
             ex.field_strength = float(ex.field_strength)
             if not 0 < ex.field_strength <= 30:
@@ -249,6 +260,10 @@ class Config:
         res.nprocs = _positive_int(res.nprocs, "nprocs")
         if res.omp_nthreads is not None:
             res.omp_nthreads = _positive_int(res.omp_nthreads, "omp-nthreads")
+        if res.mem is not None:
+            if res.mem_gb is not None:
+                raise ConfigError("give the memory limit with mem or mem-gb, not both")
+            res.mem_gb = parse_memory_gb(res.mem)
         if res.mem_gb is not None:
             res.mem_gb = float(res.mem_gb)
             if res.mem_gb <= 0:
@@ -264,6 +279,8 @@ class Config:
                     f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
                 )
         wf.mcpc3ds, wf.two_pass, wf.swi = bool(wf.mcpc3ds), bool(wf.two_pass), bool(wf.swi)
+        if ex.megre_suffix is not None and wf.input_type == "fieldmap":
+            raise ConfigError("megre-suffix selects GRE images; it does not apply to fieldmap")
         if wf.masking == AUTO_MASKING:
             from .workflows.qsm import QUALITY_UNWRAPPING
 
@@ -343,6 +360,12 @@ _KINDS = {
     "reports_only": "bool",
     "boilerplate_only": "bool",
     "template_chimaps": "bool",
+    "stop_on_first_crash": "bool",
+    "write_graph": "bool",
+    "resource_monitor": "bool",
+    "clean_workdir": "bool",
+    "megre_suffix": "suffixes",
+    "mem": "memory",
     "field_strength": "number",
     "mem_gb": "number",
     "nprocs": "integer",
@@ -361,6 +384,8 @@ _KIND_TEXT = {
     "str": "a string",
     "sign": "auto, +1 or -1",
     "scale": 'a number or an expression such as "pi/4096"',
+    "suffixes": 'a suffix or a list of suffixes, as strings (e.g. ["MP2RAGE"])',
+    "memory": 'MB as a number (16000) or a string with a unit ("16G")',
 }
 
 
@@ -378,6 +403,10 @@ def check_type(name: str, value: Any) -> None:
         "str": lambda v: isinstance(v, str),
         "sign": lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
         "scale": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        "suffixes": lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ),
+        "memory": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
     }[kind](value)
     if not ok:
         option = _key(name).replace("_", "-")
@@ -413,6 +442,43 @@ def _labels(values: list[str] | str | None, prefix: str) -> list[str] | None:
         if v not in out:
             out.append(v)
     return out
+
+
+def _suffixes(values: list[str] | str, filters: Mapping[str, Any]) -> list[str]:
+    from .bids import GRE_SUFFIXES
+
+    values = [values] if isinstance(values, str) else list(values)
+    bad = [v for v in values if v not in GRE_SUFFIXES]
+    if bad or not values:
+        raise ConfigError(
+            f"megre-suffix must be among {', '.join(GRE_SUFFIXES)}, not {', '.join(bad) or 'none'}"
+        )
+    if "suffix" in filters:
+        raise ConfigError(
+            "give the GRE suffix with megre-suffix or in the BIDS filter file, not both"
+        )
+    return list(dict.fromkeys(values))
+
+
+#: Units of ``--mem`` (decimal, as fMRIPrep reads them), in GB; no unit means MB.
+_MEM_UNITS = {"": 1e-3, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+
+
+def parse_memory_gb(value: Any) -> float:
+    """``--mem`` as fMRIPrep has it: a number of MB (``16000``), or a number with a unit
+    ``K``, ``M``, ``G`` or ``T`` (optionally followed by ``B``: ``16G``, ``16GB``); in GB."""
+    text = str(value).strip().upper().removesuffix("B")
+    number = text.rstrip("KMGT")
+    unit = text[len(number) :]
+    try:
+        gb = float(number) * _MEM_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"mem must be MB (16000) or a number with a unit (16G), not {value!r}"
+        ) from None
+    if not 0 < gb < float("inf"):
+        raise ConfigError(f"mem must be positive and finite, not {value!r}")
+    return gb
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -158,7 +158,9 @@ def test_wrongly_typed_settings_are_usage_errors(tmp_path):
     toml = tmp_path / "qsmprep.toml"
     base = [str(tmp_path), str(tmp_path / "out"), "participant", "--config-file", str(toml)]
     for line in ("participant-label = 1", 'field-strength = "3T"', 'mcpc3ds = "yes"',
-                 "nprocs = 2.5", 'omp-nthreads = "2"', "work-dir = 3"):  # fmt: skip
+                 "nprocs = 2.5", 'omp-nthreads = "2"', "work-dir = 3",
+                 'stop-on-first-crash = "yes"', "clean-workdir = 1", "megre-suffix = 1",
+                 "mem = true"):  # fmt: skip
         values = {k.replace("-", "_"): v for k, v in tomllib.loads(line).items()}
         with pytest.raises(ConfigError, match="must be"):
             Config.from_options({"bids_dir": tmp_path, "output_dir": tmp_path / "o", **values})
@@ -280,3 +282,71 @@ def test_phase_sign_and_scale_options(tmp_path):
             Config.from_options({**ok, "phase_scale": bad})
     assert _exit_code(base + ["--phase-sign", "2"]) == 64
     assert _exit_code(base + ["--input-type", "fieldmap", "--phase-sign", "-1"]) == 64
+
+
+def test_no_abbreviations_and_fmriprep_mem(tmp_path):
+    base = [str(tmp_path), str(tmp_path / "o"), "participant"]
+    # fMRIPrep's --mem is MB: 16000 MB, not --mem-gb 16000 by prefix matching
+    assert parse_args(base + ["--mem", "16000"]).resources.mem_gb == pytest.approx(16)
+    assert parse_args(base + ["--mem-mb", "512"]).resources.mem_gb == pytest.approx(0.512)
+    assert parse_args(base + ["--mem_mb", "16G"]).resources.mem_gb == pytest.approx(16)
+    assert parse_args(base + ["--mem", "1.5TB"]).resources.mem_gb == pytest.approx(1500)
+    assert parse_args(base + ["--mem-gb", "8"]).resources.mem_gb == 8
+    for bad in (
+        ["--mem", "lots"],
+        ["--mem", "0"],
+        ["--mem", "16000", "--mem-gb", "16"],
+        ["--mem-g", "8"],
+        ["--nproc", "2"],
+        ["--stop-on-first"],
+        ["--config", "x"],
+    ):
+        assert _exit_code(base + bad) == 64, bad  # fmt: skip
+
+
+def test_execution_flags_from_command_line_and_toml(tmp_path):
+    base = [str(tmp_path), str(tmp_path / "o"), "participant"]
+    ex = parse_args(base).execution
+    assert not (ex.stop_on_first_crash or ex.write_graph or ex.resource_monitor
+                or ex.clean_workdir)  # fmt: skip
+    flags = ["--stop-on-first-crash", "--write-graph", "--resource-monitor", "--clean-workdir"]
+    ex = parse_args(base + flags).execution
+    assert ex.stop_on_first_crash and ex.write_graph and ex.resource_monitor and ex.clean_workdir
+    toml = tmp_path / "c.toml"
+    toml.write_text('stop-on-first-crash = true\nmem = "8G"\n')
+    cfg = parse_args(base + ["--config-file", str(toml)])
+    assert cfg.execution.stop_on_first_crash and cfg.resources.mem_gb == pytest.approx(8)
+
+
+def test_resolved_settings_of_the_new_options_read_back(tmp_path):
+    from qsmprep.cli.reporting import config_toml
+
+    base = [str(tmp_path), str(tmp_path / "o"), "participant"]
+    argv = base + ["--mem", "16G", "--megre-suffix", "MP2RAGE", "--stop-on-first-crash",
+                   "--write-graph"]  # fmt: skip
+    toml = tmp_path / "resolved.toml"
+    toml.write_text(config_toml(parse_args(argv), argv))
+    cfg = parse_args(base + ["--config-file", str(toml)])
+    assert cfg.resources.mem_gb == pytest.approx(16)  # mem-gb, not mem and mem-gb
+    assert cfg.execution.bids_filters == {"suffix": ["MP2RAGE"]}
+    assert cfg.execution.stop_on_first_crash and cfg.execution.write_graph
+    assert not cfg.execution.clean_workdir
+
+
+def test_megre_suffix(tmp_path):
+    base = [str(tmp_path), str(tmp_path / "o"), "participant"]
+    assert "suffix" not in parse_args(base).execution.bids_filters
+    cfg = parse_args(base + ["--megre-suffix", "MP2RAGE", "T1w", "MP2RAGE"])
+    assert cfg.execution.bids_filters == {"suffix": ["MP2RAGE", "T1w"]}
+    flt = tmp_path / "filter.json"
+    flt.write_text(json.dumps({"megre": {"inv": 2}}))
+    cfg = parse_args(base + ["--megre-suffix", "MP2RAGE", "--bids-filter-file", str(flt)])
+    assert cfg.execution.bids_filters == {"inv": 2, "suffix": ["MP2RAGE"]}
+    assert _exit_code(base + ["--megre-suffix", "bold"]) == 64
+    assert _exit_code(base + ["--megre-suffix", "T1w", "--input-type", "fieldmap"]) == 64
+    flt.write_text(json.dumps({"megre": {"suffix": "T1w"}}))
+    assert _exit_code(base + ["--megre-suffix", "T1w", "--bids-filter-file", str(flt)]) == 64
+    # the filter file alone may select the suffix, too
+    assert parse_args(base + ["--bids-filter-file", str(flt)]).execution.bids_filters == {
+        "suffix": "T1w"
+    }

@@ -145,6 +145,31 @@ def test_commit_replaces_only_the_runs_own_files(tmp_path):
     assert not list((stage / anat).iterdir())
 
 
+def test_commit_keeps_runs_whose_names_extend_the_prefix(tmp_path):
+    """Outputs keep every entity: sub-01 (T1w), sub-01_inv-1 (MP2RAGE) and sub-01_task-rest
+    are three runs, and committing one replaces none of the others' files."""
+    from qsmprep.workflows.base import run_outputs_pattern
+
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    anat = "sub-01/anat"
+    prefixes = ("sub-01", "sub-01_inv-1", "sub-01_task-rest", "sub-01_task-rest_run-2")
+    (out / anat).mkdir(parents=True)
+    for prefix in prefixes:
+        for tail in ("Chimap.nii.gz", "Chimap.json", "desc-romeo_quality.nii.gz"):
+            (out / anat / f"{prefix}_{tail}").write_text("old")
+    for prefix in prefixes:
+        (stage / anat).mkdir(parents=True, exist_ok=True)
+        (stage / anat / f"{prefix}_Chimap.nii.gz").write_text("new")
+        staged = [str(stage / anat / f"{prefix}_Chimap.nii.gz")]
+        commit_files(staged, stage, out, run_outputs_pattern(anat, prefix))
+        left = {p.name: p.read_text() for p in (out / anat).iterdir()}
+        assert left[f"{prefix}_Chimap.nii.gz"] == "new"
+        assert f"{prefix}_Chimap.json" not in left  # its earlier set is replaced
+        for other in prefixes[prefixes.index(prefix) + 1 :]:  # not committed yet: untouched
+            assert left[f"{other}_Chimap.json"] == "old"
+            assert left[f"{other}_desc-romeo_quality.nii.gz"] == "old"
+
+
 def test_run_output_tails_cover_every_output_the_reports_read():
     """A new set of a run's outputs must replace each kind that the reports know."""
     import re

@@ -33,13 +33,15 @@ from ..reports.outputs import log_root
 logger = logging.getLogger("qsmprep")
 
 #: Settings that are not written to the resolved TOML: the positional arguments (given on
-#: the command line), values derived from others, and the modes of one invocation.
+#: the command line), values derived from others (``mem`` resolves into ``mem-gb``), and
+#: the modes of one invocation.
 _NOT_IN_TOML = {
     "bids_dir",
     "output_dir",
     "analysis_level",
     "bids_filters",
     "plugin",
+    "mem",
     "reports_only",
     "boilerplate_only",
 }

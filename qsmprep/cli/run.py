@@ -16,6 +16,8 @@ terminal: an unexpected error is one line that points to a crash file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..bids import GRE_SUFFIXES, SUFFIXES
 from ..config import (
     DEFAULT_METHODS,
     DEFAULT_OPTIONS,
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = method_choices()
     parser = _Parser(
         prog="qsmprep",
+        allow_abbrev=False,  # --mem must never be taken for --mem-gb
         description="qsmprep: quantitative susceptibility mapping from multi-echo GRE, "
         "as a BIDS App.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -134,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="do not check the input with bids-validator-deno",
+    )
+    g.add_argument(
+        "--megre-suffix",
+        nargs="+",
+        choices=GRE_SUFFIXES,
+        metavar="SUFFIX",
+        help="BIDS suffix(es) of the multi-echo GRE magnitude/phase images to process: "
+        f"{', '.join(GRE_SUFFIXES)} (default: {' '.join(SUFFIXES)})",
     )
     g.add_argument(
         "--field-strength",
@@ -280,10 +292,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--mem-gb", type=float, metavar="GB", help="memory limit for the scheduler, in GB"
     )
     g.add_argument(
+        "--mem",
+        "--mem-mb",
+        "--mem_mb",
+        dest="mem",
+        metavar="MB",
+        help="memory limit as fMRIPrep takes it: MB (16000), or with a unit (16G, 500M)",
+    )
+    g.add_argument(
         "--use-plugin",
         type=Path,
         metavar="FILE",
         help="nipype plugin YAML (plugin: MultiProc|SLURM|SGE|PBS..., plugin_args: {...})",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        default=None,
+        help="stop at the first failing step, without running the other steps or "
+        "participants (default: go on and report every failure at the end)",
+    )
+    g.add_argument(
+        "--clean-workdir",
+        action="store_true",
+        default=None,
+        help="delete the selected participants' earlier work (WORK_DIR/sub_<label>_wf and "
+        "its crash files) before running, instead of resuming from it",
+    )
+    g.add_argument(
+        "--write-graph",
+        action="store_true",
+        default=None,
+        help="write each participant's workflow graph to WORK_DIR/sub_<label>_wf/graph.dot "
+        "(and graph.svg when graphviz's dot is installed)",
+    )
+    g.add_argument(
+        "--resource-monitor",
+        action="store_true",
+        default=None,
+        help="record each step's run time, peak memory and CPU use in "
+        "WORK_DIR/resource_monitor/sub-<label>.jsonl (nipype's resource monitor)",
     )
     g.add_argument(
         "--config-file",
@@ -306,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     Usage errors exit with code 64.
     """
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config-file", type=Path)
     known, _ = pre.parse_known_args(argv)
     if known.config_file is not None:
@@ -473,6 +521,8 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
             args.setdefault("n_procs", res.nprocs)
             if res.mem_gb is not None:
                 args.setdefault("memory_gb", res.mem_gb)
+        elif name != "Linear":
+            _ensure_logname()
     elif res.nprocs == 1:
         name, args = "Linear", {}
     else:
@@ -481,6 +531,18 @@ def _plugin(cfg: Config) -> tuple[str, dict]:
             args["memory_gb"] = res.mem_gb
     args["status_callback"] = status_callback
     return name, args
+
+
+def _ensure_logname() -> None:
+    """nipype's batch plugins (SLURM, SGE, PBS, LSF, Condor) name their jobs after
+    ``$LOGNAME``, which containers often lack (``KeyError: 'LOGNAME'``)."""
+    if os.environ.get("LOGNAME"):
+        return
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # a UID without a passwd entry (docker run --user)
+        name = f"uid{os.getuid()}"
+    os.environ["LOGNAME"] = name
 
 
 def _masks(cfg: Config, runs: list) -> dict[str, str] | None:
@@ -552,26 +614,96 @@ def run_participant(cfg: Config, subject: str, runs: list, wf) -> list[str]:
     lines (empty: success)."""
     ex = cfg.execution
     crash_dir = _crash_dir(cfg, subject)
+    if ex.clean_workdir:
+        logger.info("sub-%s: deleting earlier work in %s", subject, ex.work_dir / wf.name)
+        for path in (ex.work_dir / wf.name, crash_dir):
+            shutil.rmtree(path, ignore_errors=True)
     crash_dir.mkdir(parents=True, exist_ok=True)
     wf.base_dir = str(ex.work_dir)
     wf.config["execution"].update(
         {
             "crashdump_dir": str(crash_dir),
             "crashfile_format": "txt",
-            "stop_on_first_crash": False,
+            "stop_on_first_crash": ex.stop_on_first_crash,
             "poll_sleep_duration": 0.2,  # nipype's 2 s default adds seconds per node
         }
     )
+    if ex.write_graph:
+        _write_graph(wf)
     before = set(crash_dir.glob("crash-*.txt"))
     plugin, plugin_args = _plugin(cfg)
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        with _resource_log(ex.work_dir, subject, ex.resource_monitor) as callback:
+            if callback is not None:  # record each step, then stop after a signal
+                plugin_args["status_callback"] = _chain(callback, status_callback)
+            wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as e:  # nipype raises RuntimeError after node crashes
         check_interrupted()  # a signal that nipype took for a node failure
         lines = _crash_summary(crash_dir, before, runs)
         return lines or [_unexpected(f"running the workflow ({plugin})", e, crash_dir)]
     check_interrupted()
     return []
+
+
+def _write_graph(wf) -> None:
+    """Write the workflow graph to WORK_DIR/<workflow>/graph.dot, and graph.svg when
+    graphviz's ``dot`` is installed; a failure to draw is a warning, never an error."""
+    fmt = "svg" if shutil.which("dot") else "dot"
+    try:
+        path = wf.write_graph("graph.dot", graph2use="colored", format=fmt, simple_form=True)
+    except (OSError, RuntimeError) as e:
+        logger.warning("could not write the workflow graph: %s", e)
+        return
+    logger.info("workflow graph: %s", path)
+
+
+@contextlib.contextmanager
+def _resource_log(work_dir: Path, subject: str, enabled: bool):
+    """nipype's resource monitor for one participant: yields the plugin's status callback,
+    which writes one JSON line per finished step (run time, peak memory in GB, CPU use in
+    %) to WORK_DIR/resource_monitor/sub-<label>.jsonl; yields None when ``enabled`` is off.
+
+    nipype's monitor writes its samples (``.proc-*``) to the current directory: the run
+    happens in WORK_DIR/resource_monitor/sub-<label>/ meanwhile, not in the user's."""
+    from nipype import config as ncfg
+    from nipype.utils.profiler import log_nodes_cb
+
+    ncfg.resource_monitor = enabled
+    if not enabled:
+        yield None
+        return
+    if not ncfg.resource_monitor:  # psutil missing: nipype warned already
+        yield None
+        return
+    path = work_dir / "resource_monitor" / f"sub-{subject}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    callback_logger = logging.getLogger("callback")
+    handler = logging.FileHandler(path)
+    callback_logger.addHandler(handler)
+    callback_logger.setLevel(logging.DEBUG)
+    callback_logger.propagate = False
+    logger.info("sub-%s: resource monitor log in %s", subject, path)
+    samples = path.with_suffix("")
+    samples.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(samples)
+    try:
+        yield log_nodes_cb
+    finally:
+        os.chdir(cwd)
+        callback_logger.removeHandler(handler)
+        handler.close()
+        ncfg.resource_monitor = False
+
+
+def _chain(*callbacks):
+    """One nipype status callback that calls each of ``callbacks`` in turn."""
+
+    def callback(node, status: str) -> None:
+        for fn in callbacks:
+            fn(node, status)
+
+    return callback
 
 
 def check_writable(folder: Path, what: str) -> str | None:
@@ -750,12 +882,24 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         else:
             logger.warning("sub-%s: no multi-echo GRE run selected; skipped", subject)
     if not selected and not failures:
+        suffixes = ex.bids_filters.get("suffix", SUFFIXES)
+        suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
         wanted = (
             "fmap/*_fieldmap with *_magnitude"
             if cfg.workflow.input_type == "fieldmap"
-            else "anat/*_part-{mag,phase}_{MEGRE,T2starw}"
+            else f"anat/*_part-{{mag,phase}}_{{{','.join(suffixes)}}}"
         )
         print(f"qsmprep: no run matches the selection ({wanted})", file=sys.stderr)
+        if cfg.workflow.input_type != "fieldmap":
+            from ..bids import other_gre_suffixes
+
+            others = other_gre_suffixes(layout, subjects, suffixes)
+            if others:
+                print(
+                    f"qsmprep: magnitude and phase images with suffix {', '.join(others)} are "
+                    f"there: select them with --megre-suffix {' '.join(others)}",
+                    file=sys.stderr,
+                )
         return EXIT_NOTHING_SELECTED
     n_runs = sum(len(runs) for runs in selected.values())
     if cfg.workflow.mask_file is not None and (n_runs != 1 or failures):
@@ -783,8 +927,10 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         reporting.finish_participant(cfg, subject, [], log, lines)
         session.current = None
     session.stage_dir = ex.output_dir / STAGE_DIRNAME / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    processed: list[str] = []
     for subject, runs in selected.items():
         t0 = time.perf_counter()
+        processed.append(subject)
         current = _Participant(subject, runs, reporting.start_participant_log(cfg, subject, argv))
         session.current = current
         logger.info("sub-%s: %d run(s)", subject, len(runs))
@@ -801,8 +947,16 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         current.writing_report = True
         reporting.finish_participant(cfg, subject, runs, current.log, lines, current.wf)
         session.current = None
+        if lines and ex.stop_on_first_crash:
+            rest = [s for s in selected if s not in processed]
+            if rest:
+                logger.warning(
+                    "stopped at the first failure (--stop-on-first-crash); not processed: %s",
+                    ", ".join(f"sub-{s}" for s in rest),
+                )
+            break
 
-    done = [s for s in selected if s not in failures]
+    done = [s for s in processed if s not in failures]
     if done:
         print(f"qsmprep: outputs of {len(done)} participant(s) in {ex.output_dir}",
               file=sys.stderr)  # fmt: skip

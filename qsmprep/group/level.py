@@ -27,7 +27,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..reports.outputs import RunOutputs, find_runs
+from ..reports.outputs import RunOutputs, add_entity, find_runs
 from ..reports.qc import QC_COLUMNS, robust_z, run_qc
 from .templates import ATLAS, DEEP_GREY_LABELS, TEMPLATE, TemplateError, template_files
 
@@ -71,12 +71,13 @@ def group_dir(output_dir: Path) -> Path:
 
 def roi_table_path(run: RunOutputs) -> Path:
     """The run's ROI table: ``<run>_seg-<atlas>_rois.tsv`` beside its Chimap."""
-    return run.anat_dir / f"{run.stem}_seg-{ATLAS}_rois.tsv"
+    return run.anat_dir / f"{add_entity(run.stem, 'seg', ATLAS)}_rois.tsv"
 
 
 def template_chimap_path(run: RunOutputs) -> Path:
-    """The run's Chimap on the template grid."""
-    return run.anat_dir / f"{run.stem}_space-{TEMPLATE}_Chimap.nii.gz"
+    """The run's Chimap on the template grid: ``space-`` among the run's entities in BIDS
+    order (before ``recording-`` and ``chunk-``)."""
+    return run.anat_dir / f"{add_entity(run.stem, 'space', TEMPLATE)}_Chimap.nii.gz"
 
 
 def write_tsv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> Path:

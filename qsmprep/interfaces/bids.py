@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 )
 
 from .. import __version__
+from ..bids import DERIVATIVE_ENTITIES, NAME_ENTITIES
 from ._io import atomic_write_bytes, atomic_write_json, signals_deferred
 
 logger = logging.getLogger("qsmprep")
@@ -44,6 +45,12 @@ NONSTANDARD_PATTERNS = (
     "**/log",
     "logs",
     "group",
+)
+
+#: Outputs keep every entity of their input run, also those that BIDS does not allow on
+#: derivative maps (e.g. ``inv-`` of MP2RAGE): such files are listed in .bidsignore too.
+NONSTANDARD_ENTITY_PATTERNS = tuple(
+    f"*_{key}-*" for entity, key in NAME_ENTITIES.items() if entity not in DERIVATIVE_ENTITIES
 )
 
 
@@ -187,5 +194,5 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
     atomic_write_json(description, output_dir / "dataset_description.json")
     ignore = output_dir / ".bidsignore"
     lines = ignore.read_text().splitlines() if ignore.exists() else []
-    lines += [p for p in NONSTANDARD_PATTERNS if p not in lines]
+    lines += [p for p in (*NONSTANDARD_PATTERNS, *NONSTANDARD_ENTITY_PATTERNS) if p not in lines]
     atomic_write_bytes(("\n".join(lines) + "\n").encode(), ignore)

@@ -1,9 +1,11 @@
-"""Quality-control figures (PNG) from nilearn and matplotlib.
+"""Quality-control figures (PNG), drawn with matplotlib.
 
 Every function takes images or arrays that are already on disk or in memory, draws one
 figure and writes it atomically to ``out`` (a ``.png`` path); none computes anything but
-display ranges. Images are shown in world orientation (nilearn resamples oblique grids for
-display only).
+display ranges. Images are shown on their own voxel grid, turned to the closest canonical
+(RAS) orientation without resampling: sagittal, coronal and axial planes in neurological
+convention (the subject's left on the left). Oblique grids are shown along their voxel
+axes, whose planes are at most 45 degrees from the world planes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ DPI = 90
 #: Colours of the mask and ROI outlines.
 CONTOUR_COLOR = "#e8412c"
 
+#: The planes, by the canonical axis they cut: name, world axis letter and the edge labels
+#: (left, right) of the displayed plane.
+_PLANES = {0: ("sagittal", "x", ("P", "A")), 1: ("coronal", "y", ("L", "R")),
+           2: ("axial", "z", ("L", "R"))}  # fmt: skip
+
 
 def _plt():
     import matplotlib
@@ -34,13 +41,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _plotting():
-    _plt()
-    from nilearn import plotting
-
-    return plotting
 
 
 def save_figure(fig, out: str | os.PathLike) -> Path:
@@ -62,9 +62,128 @@ def _as_3d(img: nb.Nifti1Image) -> nb.Nifti1Image:
     return nb.Nifti1Image(data, img.affine)
 
 
-def _masked(img: nb.Nifti1Image, mask: np.ndarray) -> nb.Nifti1Image:
-    data = np.asarray(img.dataobj, dtype=np.float32).reshape(mask.shape)
-    return nb.Nifti1Image(np.where(mask, data, 0).astype(np.float32), img.affine)
+class _View:
+    """A 3D image in the closest canonical (RAS) axis order of its grid, for display."""
+
+    def __init__(self, img: nb.Nifti1Image):
+        canonical = nb.as_closest_canonical(_as_3d(img))
+        self.data = np.asarray(canonical.dataobj, dtype=np.float32)
+        self.affine = canonical.affine
+        self.zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+
+    def like(self, img: nb.Nifti1Image) -> np.ndarray:
+        """Another image on the same grid, in this view's axis order."""
+        data = _View(img).data
+        if data.shape != self.data.shape:
+            raise ValueError(f"images of shapes {data.shape} and {self.data.shape} differ")
+        return data
+
+    def plane(self, data: np.ndarray, axis: int, index: int) -> np.ndarray:
+        """The plane ``index`` across ``axis`` as an image array (rows: the upward axis)."""
+        return np.take(data, index, axis=axis).T
+
+    def extent(self, axis: int) -> tuple[float, float, float, float]:
+        """imshow's extent (mm) of a plane across ``axis``."""
+        h, v = (a for a in range(3) if a != axis)
+        return (0.0, self.data.shape[h] * self.zooms[h], 0.0, self.data.shape[v] * self.zooms[v])
+
+    def world(self, axis: int, index: int) -> float:
+        """World coordinate (mm, along ``axis``) of the plane's centre."""
+        ijk = (np.array(self.data.shape) - 1) / 2
+        ijk[axis] = index
+        return float((self.affine @ np.r_[ijk, 1.0])[axis])
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """Voxel indices of the mask's centre of mass (the grid's centre when it is empty)."""
+    ijk = np.argwhere(mask).mean(axis=0) if mask.any() else (np.array(mask.shape) - 1) / 2
+    return tuple(int(round(v)) for v in ijk)
+
+
+def _cuts(mask: np.ndarray, axis: int, n: int, margin: float = 0.1) -> list[int]:
+    """Up to ``n`` distinct planes across ``axis``, evenly spread over the mask's extent
+    less ``margin`` of it at each end."""
+    other = tuple(a for a in range(3) if a != axis)
+    present = np.flatnonzero(mask.any(axis=other)) if mask.any() else np.arange(mask.shape[axis])
+    lo, hi = present.min(), present.max()
+    positions = lo + (hi - lo) * np.linspace(margin, 1 - margin, n)
+    return sorted({int(round(p)) for p in positions})
+
+
+def _cmap(name: str):
+    return _plt().get_cmap(name).with_extremes(bad="black")
+
+
+def _draw(ax, view: _View, data: np.ndarray, axis: int, index: int, *, cmap: str,
+          vmin: float, vmax: float, contours: Sequence[np.ndarray] = (),
+          linewidth: float = 1.0, label: bool = True):  # fmt: skip
+    """One plane of ``data`` (NaN shows black) with the outlines of ``contours``."""
+    extent = view.extent(axis)
+    im = ax.imshow(view.plane(data, axis, index), cmap=_cmap(cmap), vmin=vmin, vmax=vmax,
+                   origin="lower", extent=extent, interpolation="nearest")  # fmt: skip
+    h, v = (a for a in range(3) if a != axis)
+    xs = (np.arange(view.data.shape[h]) + 0.5) * view.zooms[h]
+    ys = (np.arange(view.data.shape[v]) + 0.5) * view.zooms[v]
+    for mask in contours:
+        m = view.plane(mask, axis, index).astype(np.float32)
+        if 0 < m.sum() < m.size:
+            ax.contour(xs, ys, m, levels=[0.5], colors=[CONTOUR_COLOR], linewidths=linewidth)
+    ax.set_facecolor("black")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if label:
+        _, letter, (left, right) = _PLANES[axis]
+        style = {"color": "white", "fontsize": 7, "transform": ax.transAxes}
+        ax.text(0.02, 0.02, f"{letter}={round(view.world(axis, index))}", **style)
+        ax.text(0.02, 0.92, left, **style)
+        ax.text(0.98, 0.92, right, ha="right", **style)
+    return im
+
+
+def _colorbar(fig, im, axes, label: str = "") -> None:
+    bar = fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01)
+    bar.ax.tick_params(colors="white", labelsize=7)
+    bar.outline.set_edgecolor("white")
+    if label:
+        bar.set_label(label, color="white", fontsize=8)
+
+
+def _mosaic(view: _View, data: np.ndarray, mask: np.ndarray, *, cmap: str, vmin: float,
+            vmax: float, contours: Sequence[np.ndarray] = (), n: int = 5,
+            title: str = "", bar: str | None = None):  # fmt: skip
+    """Three rows (sagittal, coronal, axial) of ``n`` planes through ``mask``'s extent."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, n, figsize=(11, 5.4), facecolor="black", squeeze=False)
+    im = None
+    for axis in range(3):
+        cuts = _cuts(mask, axis, n)
+        for col, ax in enumerate(axes[axis]):
+            if col >= len(cuts):
+                ax.axis("off")
+                continue
+            im = _draw(ax, view, data, axis, cuts[col], cmap=cmap, vmin=vmin, vmax=vmax,
+                       contours=contours)  # fmt: skip
+    if title:
+        fig.suptitle(title, color="white", fontsize=10)
+    if bar is not None and im is not None:
+        _colorbar(fig, im, axes, bar)
+    return fig
+
+
+def _ortho_row(fig, axes, view: _View, data: np.ndarray, centre: Sequence[int], *, cmap: str,
+               vmin: float, vmax: float, title: str, bar: str = "") -> None:  # fmt: skip
+    """Sagittal, coronal and axial planes through ``centre`` on three axes, a colour bar."""
+    im = None
+    for axis, ax in enumerate(axes):
+        im = _draw(ax, view, data, axis, centre[axis], cmap=cmap, vmin=vmin, vmax=vmax)
+    axes[0].set_title(title, color="white", fontsize=9, loc="left")
+    _colorbar(fig, im, list(axes), bar)
+
+
+def _masked(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, data, np.nan).astype(np.float32)
 
 
 def symmetric_limit(values: np.ndarray, percentile: float = 99.0) -> float:
@@ -75,23 +194,22 @@ def symmetric_limit(values: np.ndarray, percentile: float = 99.0) -> float:
     return limit if limit > 0 else 1.0
 
 
-def _centre(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
-    """World coordinates (mm) of the mask's centre of mass."""
-    ijk = np.argwhere(mask).mean(axis=0) if mask.any() else (np.array(mask.shape) - 1) / 2
-    return tuple(float(v) for v in (affine @ np.r_[ijk, 1.0])[:3])
+def _robust_range(values: np.ndarray) -> tuple[float, float]:
+    """Display range of an anatomical image: 0.5th to 99.5th percentile of finite values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    return lo, hi if hi > lo else lo + 1.0
 
 
 def plot_mask(mag: nb.Nifti1Image, mask: nb.Nifti1Image, out: str | os.PathLike) -> Path:
     """The brain mask's outline over the magnitude, in three planes (several cuts each)."""
-    plotting = _plotting()
-    plt = _plt()
-    mag3 = _as_3d(mag)
-    fig = plt.figure(figsize=(11, 5.4), facecolor="black")
-    display = plotting.plot_anat(
-        mag3, display_mode="mosaic", cut_coords=5, figure=fig, draw_cross=False,
-        annotate=True, dim=0, black_bg=True,
-    )  # fmt: skip
-    display.add_contours(_as_3d(mask), levels=[0.5], colors=[CONTOUR_COLOR], linewidths=1.2)
+    view = _View(mag)
+    m = view.like(mask) > 0
+    vmin, vmax = _robust_range(view.data)
+    fig = _mosaic(view, view.data, m, cmap="gray", vmin=vmin, vmax=vmax, contours=[m])
     return save_figure(fig, out)
 
 
@@ -104,26 +222,18 @@ def plot_phase(
 ) -> Path:
     """Wrapped phase (top, [-pi, pi), cyclic colours) and unwrapped phase (bottom, rad,
     symmetric range about its median) of one echo, inside ``mask``, in three planes."""
-    plotting = _plotting()
     plt = _plt()
-    m = np.asarray(mask.dataobj) > 0
-    wrapped3, unwrapped3 = _as_3d(wrapped), _as_3d(unwrapped)
-    u = np.asarray(unwrapped3.dataobj, dtype=np.float32)
+    view = _View(mask)
+    m = view.data > 0
+    u = view.like(unwrapped)
     centred = u - np.float32(np.median(u[m])) if m.any() else u
     limit = symmetric_limit(centred[m] if m.any() else centred, 99.5)
-    cut = _centre(m, mask.affine)
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6.4), facecolor="black")
-    plotting.plot_img(
-        _masked(wrapped3, m), display_mode="ortho", cut_coords=cut, axes=axes[0], figure=fig,
-        cmap="twilight", vmin=-np.pi, vmax=np.pi, colorbar=True, black_bg=True,
-        draw_cross=False, title=f"wrapped {title}".strip(),
-    )  # fmt: skip
-    plotting.plot_img(
-        _masked(nb.Nifti1Image(centred, unwrapped3.affine), m), display_mode="ortho",
-        cut_coords=cut, axes=axes[1], figure=fig, cmap="RdBu_r", vmin=-limit, vmax=limit,
-        colorbar=True, black_bg=True, draw_cross=False,
-        title="unwrapped (rad, minus its median)",
-    )  # fmt: skip
+    centre = _centre(m)
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), facecolor="black")
+    _ortho_row(fig, axes[0], view, _masked(view.like(wrapped), m), centre, cmap="twilight",
+               vmin=-np.pi, vmax=np.pi, title=f"wrapped {title}".strip(), bar="rad")  # fmt: skip
+    _ortho_row(fig, axes[1], view, _masked(centred, m), centre, cmap="RdBu_r", vmin=-limit,
+               vmax=limit, title="unwrapped (rad, minus its median)", bar="rad")  # fmt: skip
     return save_figure(fig, out)
 
 
@@ -135,24 +245,21 @@ def plot_fields(
 ) -> Path:
     """Total field (Hz) and local field (ppm) in the mask, each on a symmetric diverging
     scale (+-99th percentile of its absolute value), in three planes."""
-    plotting = _plotting()
     plt = _plt()
-    m = np.asarray(mask.dataobj) > 0
+    view = _View(mask)
+    m = view.data > 0
     panels = []
     if total_hz is not None:
-        panels.append((total_hz, "total field (Hz)"))
-    panels.append((local_ppm, "local field (ppm)"))
-    cut = _centre(m, mask.affine)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), facecolor="black")
-    axes = np.atleast_1d(axes)
-    for ax, (img, label) in zip(axes, panels, strict=True):
-        data = np.asarray(_as_3d(img).dataobj, dtype=np.float32)
+        panels.append((total_hz, "total field", "Hz"))
+    panels.append((local_ppm, "local field", "ppm"))
+    centre = _centre(m)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(9, 3.2 * len(panels)),
+                             facecolor="black", squeeze=False)  # fmt: skip
+    for row, (img, label, unit) in zip(axes, panels, strict=True):
+        data = view.like(img)
         limit = symmetric_limit(data[m] if m.any() else data)
-        plotting.plot_img(
-            _masked(_as_3d(img), m), display_mode="ortho", cut_coords=cut, axes=ax,
-            figure=fig, cmap="RdBu_r", vmin=-limit, vmax=limit, colorbar=True,
-            black_bg=True, draw_cross=False, title=f"{label}, +-{limit:.3g}",
-        )  # fmt: skip
+        _ortho_row(fig, row, view, _masked(data, m), centre, cmap="RdBu_r", vmin=-limit,
+                   vmax=limit, title=f"{label} ({unit}), +-{limit:.3g}", bar=unit)  # fmt: skip
     return save_figure(fig, out)
 
 
@@ -161,14 +268,10 @@ def plot_chimap(
 ) -> Path:
     """Susceptibility mosaic in three planes with a fixed grey window of +-``window`` ppm
     and a colour bar."""
-    plotting = _plotting()
-    plt = _plt()
-    fig = plt.figure(figsize=(11, 5.4), facecolor="black")
-    plotting.plot_img(
-        _as_3d(chi), display_mode="mosaic", cut_coords=5, figure=fig, cmap="gray",
-        vmin=-window, vmax=window, colorbar=True, black_bg=True, draw_cross=False,
-        title=f"chi (ppm), window +-{window:g}",
-    )  # fmt: skip
+    view = _View(chi)
+    inside = np.isfinite(view.data) & (view.data != 0)
+    fig = _mosaic(view, view.data, inside, cmap="gray", vmin=-window, vmax=window,
+                  title=f"chi (ppm), window +-{window:g}", bar="ppm")  # fmt: skip
     return save_figure(fig, out)
 
 
@@ -225,26 +328,16 @@ def plot_rois(
     window: float = CHI_WINDOW_PPM,
 ) -> Path:
     """The outlines of atlas ROIs (label image on the background's grid) over a chi map,
-    in axial cuts through the ROIs."""
-    plotting = _plotting()
+    in axial planes through the ROIs."""
     plt = _plt()
-    lab = np.asarray(rois.dataobj).astype(np.int32)
+    view = _View(background)
+    lab = np.rint(view.like(rois)).astype(np.int32)
     present = [int(v) for v in (labels if labels is not None else np.unique(lab)) if v > 0]
     inside = np.isin(lab, present)
-    centre = np.array(_centre(inside, rois.affine))
-    ks = np.unique(np.argwhere(inside)[:, 2]) if inside.any() else np.array([lab.shape[2] // 2])
-    cuts = np.linspace(ks.min(), ks.max(), num=min(5, len(ks))).round()
-    # world z of each cut through the ROIs' centre (the display's axial axis is world z)
-    ijk_centre = np.linalg.solve(rois.affine, np.r_[centre, 1.0])[:3]
-    world = [float((rois.affine @ np.r_[ijk_centre[:2], k, 1.0])[2]) for k in cuts]
-    fig = plt.figure(figsize=(11, 2.8), facecolor="black")
-    display = plotting.plot_img(
-        _as_3d(background), display_mode="z", cut_coords=world, figure=fig, cmap="gray",
-        vmin=-window, vmax=window, black_bg=True, draw_cross=False, annotate=True,
-    )  # fmt: skip
-    for value in present:
-        display.add_contours(
-            nb.Nifti1Image((lab == value).astype(np.float32), rois.affine),
-            levels=[0.5], colors=[CONTOUR_COLOR], linewidths=0.8,
-        )  # fmt: skip
+    cuts = _cuts(inside, 2, 5, margin=0.0) if inside.any() else [lab.shape[2] // 2]
+    fig, axes = plt.subplots(1, len(cuts), figsize=(11, 2.8), facecolor="black", squeeze=False)
+    outlines = [lab == value for value in present]
+    for ax, k in zip(axes[0], cuts, strict=True):
+        _draw(ax, view, view.data, 2, k, cmap="gray", vmin=-window, vmax=window,
+              contours=outlines, linewidth=0.8)  # fmt: skip
     return save_figure(fig, out)

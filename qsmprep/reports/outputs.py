@@ -31,6 +31,15 @@ OUTPUT_SUFFIXES = {
 #: The voxel-quality (reliability) maps: ``<stem>_desc-<method>_quality``.
 QUALITY_SUFFIX = "quality"
 
+#: BIDS entity keys in file-name order (BIDS 1.10 schema). A run's stem keeps its input
+#: entities in this order (:data:`qsmprep.bids.NAME_ENTITIES`); derived files add others
+#: (``space``, ``seg``, ``desc``) with :func:`add_entity`.
+ENTITY_ORDER = (
+    "sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain",
+    "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space",
+    "split", "recording", "chunk", "seg", "res", "den", "label", "desc",
+)  # fmt: skip
+
 _CHI_SUFFIX = f"_{OUTPUT_SUFFIXES['chi_map']}.nii.gz"
 _SUBJECT_RE = re.compile(r"^sub-([A-Za-z0-9]+)")
 _SESSION_RE = re.compile(r"_ses-([A-Za-z0-9]+)")
@@ -39,6 +48,19 @@ _SESSION_RE = re.compile(r"_ses-([A-Za-z0-9]+)")
 def output_path(anat_dir: Path, stem: str, kind: str, ext: str = ".nii.gz") -> Path:
     """``anat_dir/<stem>_<suffix of kind><ext>``, e.g. the mask of a run."""
     return Path(anat_dir) / f"{stem}_{OUTPUT_SUFFIXES[kind]}{ext}"
+
+
+def add_entity(stem: str, key: str, value: str) -> str:
+    """``stem`` with ``<key>-<value>`` inserted where BIDS orders it (:data:`ENTITY_ORDER`):
+    ``add_entity("sub-01_inv-2_chunk-1", "space", "MNI")`` is
+    ``sub-01_inv-2_space-MNI_chunk-1``."""
+    rank = ENTITY_ORDER.index(key)
+    parts = stem.split("_")
+    for i, part in enumerate(parts):
+        other = part.split("-", 1)[0]
+        if other in ENTITY_ORDER and ENTITY_ORDER.index(other) > rank:
+            return "_".join([*parts[:i], f"{key}-{value}", *parts[i:]])
+    return f"{stem}_{key}-{value}"
 
 
 def figure_path(output_dir: Path, subject: str, stem: str, figure: str) -> Path:

@@ -42,6 +42,15 @@ RUN_OUTPUT_TAILS = (
     r"|R2starmap|T2starmap|swi|minIP)\.(nii\.gz|json)"
 )
 
+
+def run_outputs_pattern(anat_dir: str, prefix: str) -> str:
+    """Regular expression (for ``re.fullmatch``) of the paths, relative to OUTPUT_DIR, of
+    every file the run ``prefix`` may have written in ``anat_dir``: those its next set
+    replaces. Another run's files never match, even when its prefix extends this one
+    (``sub-01`` and ``sub-01_inv-1``): a tail follows the prefix directly."""
+    return re.escape(f"{anat_dir}/{prefix}_") + RUN_OUTPUT_TAILS
+
+
 #: Arguments of the stage functions that are data, not parameters.
 _DATA_ARGS = {
     "phase", "mag", "echo_times", "mask", "voxel_size", "b0_dir", "field", "local",
@@ -246,7 +255,7 @@ def init_participant_wf(
             CommitRun(
                 stage_dir=str(stage_dir),
                 output_dir=str(output_dir),
-                replaces=re.escape(f"{run.anat_dir}/{run.prefix}_") + RUN_OUTPUT_TAILS,
+                replaces=run_outputs_pattern(run.anat_dir, run.prefix),
             ),
             name=f"ds_{node}_commit",
             run_without_submitting=True,
