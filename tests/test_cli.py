@@ -323,14 +323,14 @@ def test_resolved_settings_of_the_new_options_read_back(tmp_path):
 
     base = [str(tmp_path), str(tmp_path / "o"), "participant"]
     argv = base + ["--mem", "16G", "--megre-suffix", "MP2RAGE", "--stop-on-first-crash",
-                   "--write-graph"]  # fmt: skip
+                   "--write-graph", "--clean-workdir"]  # fmt: skip
     toml = tmp_path / "resolved.toml"
     toml.write_text(config_toml(parse_args(argv), argv))
     cfg = parse_args(base + ["--config-file", str(toml)])
     assert cfg.resources.mem_gb == pytest.approx(16)  # mem-gb, not mem and mem-gb
     assert cfg.execution.bids_filters == {"suffix": ["MP2RAGE"]}
     assert cfg.execution.stop_on_first_crash and cfg.execution.write_graph
-    assert not cfg.execution.clean_workdir
+    assert not cfg.execution.clean_workdir  # resuming with these settings keeps the work
 
 
 def test_megre_suffix(tmp_path):

@@ -34,7 +34,8 @@ logger = logging.getLogger("qsmprep")
 
 #: Settings that are not written to the resolved TOML: the positional arguments (given on
 #: the command line), values derived from others (``mem`` resolves into ``mem-gb``), and
-#: the modes of one invocation.
+#: the modes of one invocation (``clean-workdir`` would delete the work that a run with the
+#: same settings resumes from).
 _NOT_IN_TOML = {
     "bids_dir",
     "output_dir",
@@ -42,6 +43,7 @@ _NOT_IN_TOML = {
     "bids_filters",
     "plugin",
     "mem",
+    "clean_workdir",
     "reports_only",
     "boilerplate_only",
 }
