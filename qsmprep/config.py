@@ -11,8 +11,10 @@ underscores), and a TOML file passed with ``--config-file`` may set any of them:
     omp-nthreads = 2
     participant-label = ["01", "02"]
 
-The command line wins over the TOML file, which wins over the defaults below.
-The defaults of the processing choices live in :data:`DEFAULT_METHODS` and nowhere else.
+The command line wins over the TOML file, which wins over the defaults. The defaults of
+the processing choices live in :data:`qsmprep.workflows.qsm.DEFAULT_METHODS` and
+``DEFAULT_OPTIONS`` (re-exported here) and nowhere else, so that ``init_qsm_wf()`` with
+no arguments builds the same pipeline as the command line.
 """
 
 from __future__ import annotations
@@ -25,45 +27,17 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
+
+from .workflows.qsm import AUTO_MASKING, DEFAULT_METHODS, DEFAULT_OPTIONS, resolve_masking
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-#: Default algorithm of each stage (the one place where they are set): the best
-#: combination that ``benchmarks/bench_accuracy.py`` measured on the head phantom's axial,
-#: oblique and anisotropic cases (docs/benchmarks.md). ROMEO with MCPC-3D-S gives a total
-#: field within a few percent of the truth where Laplacian unwrapping is off by about half;
-#: masking on ROMEO's voxel quality, PDF and TV gave the lowest NRMSE among the
-#: combinations that keep nearly all the brain. The shipped adaptive-unet beats RTS but
-#: not TV on the held-out test phantoms (docs/benchmarks.md), so TV stays the default.
-DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
-    {
-        "unwrapping": "romeo",
-        "masking": "auto",  # quality with ROMEO on wrapped phase, else threshold
-        "bf_removal": "pdf",
-        "inversion": "tv",
-    }
-)
-#: Masking choice that picks ``quality`` when the unwrapping makes a voxel-quality map.
-AUTO_MASKING = "auto"
-
 #: Inversion methods that are not in :data:`qsmprep.qsm.inversion.METHODS` (torch code).
 EXTRA_INVERSIONS = ("adaptive-unet",)
-
-#: Default processing options besides the algorithms (also set only here).
-DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {
-        "input_type": "phase",  # wrapped phase per echo
-        "mcpc3ds": True,  # phase-offset removal (MCPC-3D-S) before unwrapping
-        "two_pass": False,  # two-pass masking/inversion
-        "r2star": "off",  # R2*/T2* maps: "off", "loglinear" or "arlo"
-        "swi": False,  # SWI and minIP
-    }
-)
 
 #: Group level: registration of each run to the template (affine, or affine then SyN).
 #: Affine is the default: on the head phantoms (docs/outputs.md) SyN's cross-contrast
@@ -281,11 +255,7 @@ class Config:
         wf.mcpc3ds, wf.two_pass, wf.swi = bool(wf.mcpc3ds), bool(wf.two_pass), bool(wf.swi)
         if ex.megre_suffix is not None and wf.input_type == "fieldmap":
             raise ConfigError("megre-suffix selects GRE images; it does not apply to fieldmap")
-        if wf.masking == AUTO_MASKING:
-            from .workflows.qsm import QUALITY_UNWRAPPING
-
-            quality = wf.input_type == "phase" and wf.unwrapping in QUALITY_UNWRAPPING
-            wf.masking = "quality" if quality else "threshold"
+        wf.masking = resolve_masking(wf.masking, wf.unwrapping, wf.input_type)
         from .interfaces.qsm import R2STAR_METHODS
 
         if wf.r2star not in ("off", *R2STAR_METHODS):

@@ -111,8 +111,9 @@ def test_linear_in_the_field_unit(heads, method):
     local, background, mask, vs, b0 = heads["iso"]
     ppm = (local + background) * mask
     hz = ppm * np.float32(42.577478 * 3.0)
-    est_ppm, used_ppm = bgremove.remove_background(ppm, mask, vs, method, b0_dir=b0)
-    est_hz, used_hz = bgremove.remove_background(hz, mask, vs, method, b0_dir=b0)
+    kw = {"reject": None} if method == "pdf" else {}  # PDF's outlier threshold is in ppm
+    est_ppm, used_ppm = bgremove.remove_background(ppm, mask, vs, method, b0_dir=b0, **kw)
+    est_hz, used_hz = bgremove.remove_background(hz, mask, vs, method, b0_dir=b0, **kw)
     np.testing.assert_array_equal(used_ppm, used_hz)
     scale = np.float32(42.577478 * 3.0)
     err = np.linalg.norm(est_hz - scale * est_ppm) / np.linalg.norm(scale * est_ppm)
@@ -231,7 +232,28 @@ def test_progress_is_reported(heads):
     calls = []
     total = (local + background) * mask
     bgremove.pdf(total, mask, vs, b0, max_iter=5, progress=lambda i, n: calls.append((i, n)))
-    assert calls == [(i, 5) for i in range(1, 6)]
+    assert calls == [(i, 5) for i in range(1, 6)]  # no voxel beyond 0.15 ppm: one fit
+
+
+def test_pdf_rejects_wrong_voxels_and_fits_again(heads):
+    """Voxels off by a 2 pi slip of echo 1 at 4 ms (2 ppm at 3 T) bend the whole fit;
+    rejected, they leave the mask and the rest of the local field is near right again."""
+    local, background, mask, vs, b0 = heads["iso"]
+    total = (local + background) * mask
+    rng = np.random.default_rng(0)
+    rim = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    idx = tuple(a[rng.choice(a.size, 40, replace=False)] for a in np.nonzero(rim))
+    wrong = np.zeros_like(mask)
+    wrong[idx] = True
+    corrupt = np.where(wrong, total + np.float32(2.0), total)
+    naive, _ = bgremove.pdf(corrupt, mask, vs, b0, reject=None)
+    robust, used = bgremove.pdf(corrupt, mask, vs, b0)
+    assert (used & wrong).sum() <= 2  # measured: 1 of 40 stays
+    assert used.sum() >= mask.sum() - 80  # measured: 16 right voxels go too
+    assert np.all(robust[~used] == 0)
+    keep = used & mask
+    # measured at 1.5 mm: 50 % robust, 157 % naive, 34 % for the clean field
+    assert _nrmse(robust, local, keep) < 0.5 * _nrmse(naive, local, keep)
 
 
 def test_registry():

@@ -55,9 +55,7 @@ def test_embed_init_qsm_wf_in_a_user_workflow(phantom, tmp_path):
     from qsmprep.workflows import init_qsm_wf
 
     wf = pe.Workflow(name="my_pipeline", base_dir=str(tmp_path / "work"))
-    qsm_wf = init_qsm_wf(  # qsmprep's defaults
-        unwrapping="romeo", mcpc3ds=True, masking="quality", bf_removal="pdf", inversion="tv"
-    )
+    qsm_wf = init_qsm_wf()  # qsmprep's defaults
     qsm_wf.inputs.inputnode.mag_files = mags  # ordered by echo
     qsm_wf.inputs.inputnode.phase_files = phases
     qsm_wf.inputs.inputnode.echo_times = [0.005, 0.010, 0.015]  # seconds
@@ -68,7 +66,7 @@ def test_embed_init_qsm_wf_in_a_user_workflow(phantom, tmp_path):
     wf.run()
     # --- end of the embedding ---
     (chi_file,) = (tmp_path / "results" / "qsm").glob("chi_ppm.nii.gz")
-    (mask_file,) = (tmp_path / "results" / "qsm").glob("mask_local.nii.gz")
+    (mask_file,) = (tmp_path / "results" / "qsm").glob("mask_chi.nii.gz")
     img = nb.load(chi_file)
     assert img.shape == chi_true.shape
     np.testing.assert_allclose(img.affine, affine)

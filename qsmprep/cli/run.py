@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--masking",
         choices=choices["masking"],
         help=f"brain masking (default: {DEFAULT_METHODS['masking']}: the voxel quality of "
-        "ROMEO (Otsu) when ROMEO unwraps wrapped phase, else the magnitude threshold)",
+        "ROMEO (Otsu) when ROMEO unwraps wrapped phase, else the magnitude threshold; "
+        "border voxels of unreliable field leave the mask)",
     )
     g.add_argument(
         "--bf-removal",

@@ -35,6 +35,8 @@ NONSTANDARD_PATTERNS = (
     "*_localfield.json",
     "*_quality.nii.gz",
     "*_quality.json",
+    "*_reliability.nii.gz",
+    "*_reliability.json",
     "*_swi.nii.gz",
     "*_swi.json",
     "*_minIP.nii.gz",

@@ -346,8 +346,10 @@ class FieldMap(SimpleInterface):
 
     With ``mcpc3ds`` the echo-independent phase offset is removed first (MCPC-3D-S, two
     echoes or more).
-    The fit is a magnitude-weighted line through the origin (on the project's phantoms
-    it beats a fit with a phase-offset term, with or without MCPC-3D-S).
+    The fit is a magnitude-weighted line with a phase-offset term (two echoes or more;
+    one echo: ``phase / (2 pi TE)``): whatever offset MCPC-3D-S leaves, or all of it
+    without MCPC-3D-S, does not bias the field (on heads simulated with qsm-forward the
+    fit through the origin left 0.012 ppm rms in the deep brain).
     ``method=None`` takes the phase as already unwrapped.
     """
 
@@ -385,7 +387,7 @@ class FieldMap(SimpleInterface):
                     )
                 unwrapped, quality = result.unwrapped, result.quality
             with stage("echo fit", runtime.cwd):
-                field_hz = fit_field(unwrapped, mag, tes, mask=mask)
+                field_hz = fit_field(unwrapped, mag, tes, mask=mask, with_offset=len(tes) > 1)
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
         )
@@ -439,12 +441,63 @@ class FillField(SimpleInterface):
         return runtime
 
 
+class _FieldReliabilityInputSpec(BaseInterfaceInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
+    in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    valid = File(exists=True, desc="voxels whose inputs were finite (the others get 0)")
+
+
+class _FieldReliabilityOutputSpec(TraitedSpec):
+    reliability = File(exists=True, desc="data weights of the total field in [0, 1]")
+    out_mask = File(exists=True, desc="the mask without its zero-weight border voxels")
+
+
+class FieldReliability(SimpleInterface):
+    """Data weights of the total field (:func:`qsmprep.qsm.phase.field_reliability`), and
+    the mask without the unreliable voxels on its border (:func:`~qsmprep.qsm.masking.
+    peel_unreliable`). Voxels whose phase or magnitude was NaN or Inf (``valid``) carry an
+    interpolated field: weight 0."""
+
+    input_spec = _FieldReliabilityInputSpec
+    output_spec = _FieldReliabilityOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.masking import peel_unreliable
+        from ..qsm.phase import field_reliability
+
+        field_hz, img = load(self.inputs.total_field)
+        mag = _as_4d(load(self.inputs.in_mag)[0])
+        mask = load_mask(self.inputs.mask)
+        side = read_side_info(self.inputs.side_info)
+        with stage("field reliability", runtime.cwd):
+            weight = field_reliability(
+                field_hz, mag, self.inputs.echo_times, mask, side.voxel_size
+            )
+            if isdefined(self.inputs.valid):
+                weight[~load_mask(self.inputs.valid)] = 0
+            mask = peel_unreliable(mask, weight)
+        if not mask.any():
+            raise ValueError("no reliable voxel in the brain mask")
+        cwd = runtime.cwd
+        self._results["reliability"] = save_like(
+            np.where(mask, weight, 0), img, os.path.join(cwd, "reliability.nii.gz")
+        )
+        self._results["out_mask"] = save_like(
+            mask, img, os.path.join(cwd, "mask_reliable.nii.gz"), dtype=np.uint8
+        )
+        return runtime
+
+
 class _BackgroundRemovalInputSpec(BaseInterfaceInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     side_info = File(exists=True, mandatory=True, desc="side information JSON")
     field_strength = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.bgremove.METHODS")
+    weight = File(exists=True, desc="data weights of the field (methods in bgremove.WEIGHTED)")
     params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="method parameters")
     omp_nthreads = traits.Int(1, usedefault=True, desc="threads")
 
@@ -455,19 +508,25 @@ class _BackgroundRemovalOutputSpec(TraitedSpec):
 
 
 class BackgroundRemoval(SimpleInterface):
-    """Convert the total field to ppm and remove the background field."""
+    """Convert the total field to ppm and remove the background field.
+
+    ``weight`` goes to the methods that weigh the field's voxels (``bgremove.WEIGHTED``).
+    """
 
     input_spec = _BackgroundRemovalInputSpec
     output_spec = _BackgroundRemovalOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.bgremove import remove_background
+        from ..qsm.bgremove import WEIGHTED, remove_background
         from ..qsm.phase import hz_to_ppm
 
         field_hz, img = load(self.inputs.total_field)
         mask = load_mask(self.inputs.mask)
         side = read_side_info(self.inputs.side_info)
         field_ppm = hz_to_ppm(field_hz, self.inputs.field_strength).astype(np.float32)
+        params = dict(self.inputs.params)
+        if isdefined(self.inputs.weight) and self.inputs.method in WEIGHTED:
+            params["weight"] = load(self.inputs.weight)[0]
         with (
             thread_limits(self.inputs.omp_nthreads),
             stage(f"background field removal ({self.inputs.method})", runtime.cwd),
@@ -478,7 +537,7 @@ class BackgroundRemoval(SimpleInterface):
                 side.voxel_size,
                 self.inputs.method,
                 b0_dir=side.b0_direction,
-                **self.inputs.params,
+                **params,
             )
         if not np.any(mask_used):
             raise ValueError(f"no voxel left in the mask after {self.inputs.method}")
@@ -495,6 +554,10 @@ class BackgroundRemoval(SimpleInterface):
 class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
     mask = File(exists=True, mandatory=True, desc="mask of valid local field")
+    brain_mask = File(
+        exists=True, desc="weighted methods (inversion.WEIGHTED): where chi is wanted"
+    )
+    weight = File(exists=True, desc="weighted methods: data weights of the local field")
     reliable_mask = File(exists=True, desc="two-pass: the reliable (unfilled) mask")
     side_info = File(exists=True, mandatory=True, desc="side information JSON")
     method = traits.Str(
@@ -508,26 +571,40 @@ class _DipoleInversionInputSpec(BaseInterfaceInputSpec):
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):
-    chi_map = File(exists=True, desc="susceptibility (ppm), mean zero in the mask")
+    chi_map = File(exists=True, desc="susceptibility (ppm), mean zero in out_mask")
+    out_mask = File(exists=True, desc="the mask in which chi is defined")
 
 
 class DipoleInversion(SimpleInterface):
     """Dipole inversion of the local field, then referencing to the mean within the mask.
 
-    With ``reliable_mask``, two-pass inversion: the reliable voxels (inside ``mask``)
-    from a first pass on them alone, the others from a second pass on ``mask``.
+    Methods that weigh the data (``inversion.WEIGHTED``) solve for chi on ``brain_mask``
+    (default ``mask``) and trust the field where ``mask`` holds it, weighted by
+    ``weight``: the rim a background removal peeled off keeps its susceptibility. The
+    others invert on ``mask``. With ``reliable_mask``, two-pass inversion: the reliable
+    voxels (inside ``mask``) from a first pass on them alone, the others from a second
+    pass on ``mask``.
     """
 
     input_spec = _DipoleInversionInputSpec
     output_spec = _DipoleInversionOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.inversion import invert, invert_two_pass, reference
+        from ..qsm.inversion import WEIGHTED, invert, invert_two_pass, reference
 
         local, img = load(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
         side = read_side_info(self.inputs.side_info)
         method = self.inputs.method
+        params = dict(self.inputs.params)
+        weighted = method in WEIGHTED and not isdefined(self.inputs.reliable_mask)
+        if weighted:
+            weight = mask.astype(np.float32)
+            if isdefined(self.inputs.weight):
+                weight *= load(self.inputs.weight)[0]
+            params["weight"] = weight
+            if isdefined(self.inputs.brain_mask):
+                mask = load_mask(self.inputs.brain_mask) | mask
         with (
             thread_limits(self.inputs.omp_nthreads),
             stage(f"dipole inversion ({method})", runtime.cwd),
@@ -556,19 +633,16 @@ class DipoleInversion(SimpleInterface):
                     side.voxel_size,
                     side.b0_direction,
                     method,
-                    **self.inputs.params,
+                    **params,
                 )
             else:
-                chi = invert(
-                    local,
-                    mask,
-                    side.voxel_size,
-                    side.b0_direction,
-                    method,
-                    **self.inputs.params,
-                )
+                chi = invert(local, mask, side.voxel_size, side.b0_direction, method, **params)
             chi = reference(chi, mask)
-        self._results["chi_map"] = save_like(chi, img, os.path.join(runtime.cwd, "chi_ppm.nii.gz"))
+        cwd = runtime.cwd
+        self._results["chi_map"] = save_like(chi, img, os.path.join(cwd, "chi_ppm.nii.gz"))
+        self._results["out_mask"] = save_like(
+            mask, img, os.path.join(cwd, "mask_chi.nii.gz"), dtype=np.uint8
+        )
         return runtime
 
 

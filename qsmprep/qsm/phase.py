@@ -15,6 +15,10 @@ from .sideinfo import check_voxel_size
 
 #: Default Gaussian width (mm) of the MCPC-3D-S phase-offset smoothing.
 MCPC_SIGMA_MM = 4.0
+#: Default rounds of MCPC-3D-S's correction of the echo-1-to-2 evolution's 2 pi multiples.
+MCPC_CORRECTIONS = 4
+#: The correction stops when it would change fewer than this share of the voxels.
+MCPC_SETTLED = 1e-4
 
 #: Slack on the radian range check (float rounding of stored +-pi).
 _RAD_TOL = 1e-2
@@ -26,7 +30,9 @@ class PhaseScalingError(ValueError):
 
 def wrap(phase: np.ndarray) -> np.ndarray:
     """Wrap angles (rad) into ``[-pi, pi)``."""
-    return (phase + np.pi) % (2 * np.pi) - np.pi
+    x = np.asarray(phase)
+    two_pi = x.dtype.type(2 * np.pi) if x.dtype.kind == "f" else 2 * np.pi
+    return x - two_pi * np.floor((x + two_pi / 2) / two_pi)  # floor: faster than a modulo
 
 
 #: Integer ranges that scanners store phase in: (lowest, highest value, radians per unit,
@@ -227,6 +233,7 @@ def mcpc3ds(
     echo_times: Sequence[float],
     voxel_size: Sequence[float],
     sigma_mm: float = MCPC_SIGMA_MM,
+    corrections: int = MCPC_CORRECTIONS,
 ) -> np.ndarray:
     """Remove the echo-independent phase offset (MCPC-3D-S, Eckstein et al. MRM 2018).
 
@@ -238,6 +245,13 @@ def mcpc3ds(
     exp(i offset)`` with a Gaussian of ``sigma_mm`` (mm), plus the same smoothing of the
     residual (twicing, against the bias of curved offsets and at the mask's edge), and
     subtracted from every echo.
+
+    Where ROMEO leaves a region of the evolution off by ``2 pi k`` (near strong sources
+    and at the brain's edge), that region's offset is off by ``2 pi k TE1 / (TE2 - TE1)``
+    and every later step inherits it (on heads simulated with qsm-forward, islands of
+    6-34 voxels with a total field wrong by ``1 / (TE2 - TE1)``). The offset is smooth, so
+    ``corrections`` times each voxel's evolution takes the 2 pi multiple (``|k| <= 2``)
+    that brings its offset nearest the smoothed one, and the offset is smoothed again.
     ``phase`` ``(X, Y, Z, E)`` rad with E >= 2, ``mag`` the same shape (None: uniform),
     ``echo_times`` in s, ``voxel_size`` in mm. Returns wrapped float32 phase (rad) in
     [-pi, pi) of the same shape.
@@ -248,6 +262,8 @@ def mcpc3ds(
     vs = np.asarray(check_voxel_size(voxel_size))
     if not sigma_mm > 0:
         raise ValueError(f"sigma_mm must be positive, got {sigma_mm}")
+    if corrections < 0:
+        raise ValueError(f"corrections must be >= 0, got {corrections}")
     hip = wrap(ph[..., 1] - ph[..., 0])
     weight = np.ones(ph.shape[:3], np.float32) if mg is None else np.sqrt(mg[..., 0] * mg[..., 1])
     mask = (
@@ -255,10 +271,9 @@ def mcpc3ds(
     )
     evolution, _ = romeo_unwrap(hip, mag=weight, mask=mask)
     evolution -= np.float32(2 * np.pi) * np.round(np.median(evolution[mask]) / (2 * np.pi))
-    offset = ph[..., 0] - evolution * np.float32(tes[0] / (tes[1] - tes[0]))
-    good = mask & np.isfinite(offset) & np.isfinite(weight)
+    ratio = np.float32(tes[0] / (tes[1] - tes[0]))
+    good = mask & np.isfinite(ph[..., 0]) & np.isfinite(weight)
     amp = np.where(good, weight, np.float32(0))
-    offset = np.where(good, offset, np.float32(0))
     sigma = sigma_mm / vs
 
     def smooth(angle: np.ndarray) -> np.ndarray:
@@ -266,10 +281,26 @@ def mcpc3ds(
         im = ndimage.gaussian_filter(amp * np.sin(angle), sigma, mode="nearest")
         return np.arctan2(im, re).astype(np.float32)
 
-    first = smooth(offset)
-    # a second pass on the residual ("twicing") removes most of the smoothing bias where
-    # the offset curves and at the mask's edge, where the kernel sees one side only
-    smoothed = first + smooth(wrap(offset - first))
+    def offset_of(evolution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw offset and its smoothed version (with twicing)."""
+        raw = np.where(good, ph[..., 0] - evolution * ratio, np.float32(0))
+        first = smooth(raw)
+        # a second pass on the residual ("twicing") removes most of the smoothing bias
+        # where the offset curves and at the mask's edge, where the kernel sees one side
+        return raw, first + smooth(wrap(raw - first))
+
+    raw, smoothed = offset_of(evolution)
+    steps = np.arange(-2, 3, dtype=np.float32)
+    for _ in range(corrections):
+        residual = wrap(raw - smoothed)
+        misfit = np.stack([np.abs(wrap(residual - 2 * np.pi * k * ratio)) for k in steps])
+        misfit += np.float32(1e-3) * np.abs(steps)[:, None, None, None]  # ties: smallest |k|
+        k = np.where(good, steps[np.argmin(misfit, axis=0)], np.float32(0))
+        del misfit, residual
+        if np.count_nonzero(k) <= MCPC_SETTLED * np.count_nonzero(good):
+            break  # what is left flips with the noise
+        evolution += np.float32(2 * np.pi) * k
+        raw, smoothed = offset_of(evolution)
     return wrap(ph - smoothed[..., None])
 
 
@@ -336,3 +367,87 @@ def fill_from_neighbours(values: np.ndarray, known: np.ndarray, passes: int = 3)
         out[reach] = total[reach] / weight[reach]
         known |= reach
     return out
+
+
+#: Field-map outliers: a voxel whose total field is further than this share of the 2 pi
+#: error quantum ``1 / TE1`` (Hz) from its neighbourhood's median is unreliable.
+OUTLIER_FRACTION = 1 / 3
+#: Width (mm) of the neighbourhood of the outlier test.
+OUTLIER_WINDOW_MM = 10.0
+
+
+def field_reliability(
+    field_hz: np.ndarray,
+    mag: np.ndarray | None,
+    echo_times: Sequence[float],
+    mask: np.ndarray,
+    voxel_size: Sequence[float],
+    outlier_fraction: float = OUTLIER_FRACTION,
+    window_mm: float = OUTLIER_WINDOW_MM,
+) -> np.ndarray:
+    """Data weights in [0, 1] of a total field map: where its value can be trusted.
+
+    The product of two terms, zero outside ``mask``:
+
+    - noise: the field's standard deviation from the echo fit with a phase offset is
+      proportional to ``1 / sqrt(sum_e m_e^2 (TE_e - TE_w)^2)`` (``TE_w`` the
+      ``m^2``-weighted mean echo time); the weight is the median of that over the mask
+      divided by the voxel's, capped at 1, so voxels of low or fast-decaying signal
+      (brain edge, veins, calcifications) count less;
+    - outliers: a voxel whose field lies more than ``outlier_fraction / TE1`` (Hz, a
+      third of the field error that one 2 pi slip of echo 1 causes) from the median of
+      its ``window_mm`` neighbourhood (values outside the mask are taken from the
+      nearest voxel one layer inside it) gets 0.
+
+    ``field_hz`` ``(X, Y, Z)`` in Hz, ``mag`` ``(X, Y, Z, E)`` (None: no noise term),
+    ``echo_times`` in s, ``voxel_size`` in mm. Returns float32 weights.
+    """
+    f = np.asarray(field_hz, dtype=np.float32)
+    m = np.asarray(mask).astype(bool, copy=False)
+    if f.ndim != 3 or m.shape != f.shape:
+        raise ValueError(f"field {f.shape} and mask {m.shape} must be one 3D grid")
+    if not m.any():
+        raise ValueError("mask is empty")
+    tes = np.asarray(echo_times, dtype=float).ravel()
+    if tes.size == 0 or np.any(tes <= 0):
+        raise ValueError(f"echo times must be positive (s), got {tes.tolist()}")
+    vs = check_voxel_size(voxel_size)
+    if not 0 < outlier_fraction <= 1 or window_mm <= 0:
+        raise ValueError("outlier_fraction must be in (0, 1] and window_mm positive")
+    weight = np.ones(f.shape, np.float32)
+    if mag is not None and tes.size > 1:
+        mg = np.asarray(mag, dtype=np.float64)
+        mg = mg[..., None] if mg.ndim == 3 else mg
+        if mg.shape != (*f.shape, tes.size):
+            raise ValueError(f"mag shape {mg.shape} does not match {tes.size} echoes of {f.shape}")
+        w = mg * mg
+        s0 = w.sum(axis=-1)
+        st = w @ tes
+        info = w @ (tes * tes) - st * st / np.maximum(s0, 1e-30)
+        sd = 1 / np.sqrt(np.maximum(info, 1e-30))
+        weight = np.clip(np.median(sd[m]) / sd, 0, 1).astype(np.float32)
+    # values off the mask come from the nearest voxel one layer in, so that a wrong voxel
+    # on the mask's border is not copied all around itself
+    inner = ndimage.binary_erosion(m)
+    source = inner if inner.any() else m
+    nearest = ndimage.distance_transform_edt(~source, return_distances=False, return_indices=True)
+    local = _coarse_median(f[tuple(nearest)], vs, window_mm)
+    outlier = np.abs(f - local) > outlier_fraction / tes[0]
+    return np.where(m & ~outlier, weight, np.float32(0)).astype(np.float32)
+
+
+def _coarse_median(x: np.ndarray, voxel_size: Sequence[float], window_mm: float) -> np.ndarray:
+    """Median over ``window_mm`` neighbourhoods, taken on a grid of about 2 mm (every
+    ``n``-th voxel of a finer grid) and repeated back: the cost of a median of
+    11^3 voxels at 1 mm (minutes) is not needed for a test against a smooth field."""
+    step = [max(1, int(2.0 // v)) for v in voxel_size]
+    coarse = x[tuple(slice(None, None, s) for s in step)]
+    size = [
+        max(3, int(round(window_mm / (v * s))) // 2 * 2 + 1)
+        for v, s in zip(voxel_size, step, strict=True)
+    ]
+    med = ndimage.median_filter(coarse, size=size, mode="nearest")
+    for axis, s in enumerate(step):  # back to the fine grid: each sample fills its block
+        med = np.repeat(med, s, axis=axis)
+    pad = [(0, max(0, n - m)) for n, m in zip(x.shape, med.shape, strict=True)]
+    return np.pad(med, pad, mode="edge")[: x.shape[0], : x.shape[1], : x.shape[2]]

@@ -26,6 +26,7 @@ OUTPUT_SUFFIXES = {
     "t2star": "T2starmap",
     "swi": "swi",
     "minip": "minIP",
+    "reliability": "desc-field_reliability",
 }
 
 #: The voxel-quality (reliability) maps: ``<stem>_desc-<method>_quality``.

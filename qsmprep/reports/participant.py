@@ -66,7 +66,7 @@ _QC_LABELS = {
     "mask_volume_ml": ("mask volume (mL)", "{:.1f}"),
     "mask_head_share": ("share of the head's interior in the mask", "{:.1%}"),
     "residual": ("data-consistency residual ||D*chi - f|| / ||f||", "{:.3f}"),
-    "low_reliability_share": ("share of mask voxels with low unwrapping quality", "{:.1%}"),
+    "low_reliability_share": ("share of mask voxels with low field reliability", "{:.1%}"),
     "chi_mean_ppm": ("chi mean in the mask (ppm)", "{:.4f}"),
     "chi_std_ppm": ("chi std in the mask (ppm)", "{:.4f}"),
     "sign_index": ("sign index (p99.5 + p0.5) / (p99.5 - p0.5)", "{:+.3f}"),

@@ -11,8 +11,9 @@ The numbers (:data:`QC_COLUMNS`):
 - ``residual``: the data-consistency residual ``||D * chi - f|| / ||f||`` in the mask,
   with ``f`` the local field and ``D *`` the dipole convolution
   (:func:`qsmprep.qsm.dipole.forward_field`), both demeaned in the mask;
-- ``low_reliability_share``: the share of mask voxels whose voxel quality (the
-  unwrapping's reliability map) is below :data:`LOW_QUALITY`;
+- ``low_reliability_share``: the share of mask voxels whose field reliability (the
+  data weight of ``_desc-field_reliability``) or, without it, whose unwrapping voxel
+  quality is below :data:`LOW_QUALITY`;
 - ``chi_mean_ppm``, ``chi_std_ppm``: chi in the mask;
 - ``sign_index``: ``(p99.5 + p0.5) / (p99.5 - p0.5)`` of chi in the mask, in [-1, 1]:
   the strongest sources in a brain are paramagnetic (veins, iron-rich nuclei), so it is
@@ -162,7 +163,7 @@ def run_qc(run: RunOutputs, magnitude: Callable[[], np.ndarray | None] | None = 
         out["residual"] = data_consistency_residual(
             chi, local, mask, tuple(side["VoxelSize"]), tuple(side["B0Direction"])
         )
-    quality_path = run.quality()
+    quality_path = run.path("reliability") or run.quality()
     if quality_path is not None:
         quality = _load(quality_path)[0]
         out["low_reliability_share"] = float(np.mean(quality[mask] < LOW_QUALITY))

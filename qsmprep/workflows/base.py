@@ -39,6 +39,7 @@ STAGE_DIRNAME = ".qsmprep-staging"
 #: run's outputs replaces all of its earlier files that match.
 RUN_OUTPUT_TAILS = (
     r"(Chimap|desc-brain_mask|totalfield|localfield|desc-[A-Za-z0-9]+_quality"
+    r"|desc-[A-Za-z0-9]+_reliability"
     r"|R2starmap|T2starmap|swi|minIP)\.(nii\.gz|json)"
 )
 
@@ -396,11 +397,14 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         field_model = {"Unwrapping": records["unwrapping"]}
         if mcpc3ds:
             field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
-        field_model.update(
-            EchoCombination="magnitude-weighted least-squares fit of the phase over echo time, "
-            "through the origin"
+        combination = (
+            "magnitude-weighted least-squares fit of the phase over echo time, with a "
+            "phase-offset term"
             if len(run.echo_times) > 1
-            else "one echo: phase / (2 pi TE); its phase offset cannot be separated",
+            else "one echo: phase / (2 pi TE); its phase offset cannot be separated"
+        )
+        field_model.update(
+            EchoCombination=combination,
             MagneticFieldStrength=b0,
             EchoTime=list(run.echo_times),
         )
@@ -415,7 +419,8 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         "Referencing": "mean within the brain mask",
     }
     mask_meta = {
-        "Description": "Brain mask in which the local field and the susceptibility are valid",
+        "Description": "Brain mask in which the susceptibility is valid (the local field "
+        "may be defined on less of it: see its own zeros)",
         "Type": "Brain",
         "Sources": sources,
         "SpatialReference": reference,
@@ -436,9 +441,21 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         "BackgroundFieldRemoval": records["bf_removal"],
     }
     p = run.prefix
-    return [
+    outputs = [
         ("chi_map", f"{p}_Chimap.nii.gz", chi_meta, True),
         ("mask", f"{p}_desc-brain_mask.nii.gz", mask_meta, False),
         ("total_field", f"{p}_totalfield.nii.gz", total_meta, False),
         ("local_field", f"{p}_localfield.nii.gz", local_meta, True),
     ]
+    if run.fieldmap_file is None:
+        reliability_meta = {
+            "Description": "Data weights of the total field in [0, 1]: the noise of the echo "
+            "fit relative to its median in the brain mask (capped at 1), and 0 where the field "
+            "departs from its neighbourhood's median by more than a third of 1/TE1",
+            "Units": "arbitrary",
+            "Sources": sources,
+        }
+        outputs.append(
+            ("reliability", f"{p}_desc-field_reliability.nii.gz", reliability_meta, False)
+        )
+    return outputs

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -11,6 +15,7 @@ from ..interfaces.qsm import (
     BrainMask,
     DipoleInversion,
     FieldMap,
+    FieldReliability,
     FillField,
     PrepareEchoes,
     PrepareFieldMap,
@@ -18,6 +23,35 @@ from ..interfaces.qsm import (
     UserMask,
 )
 from .boilerplate import LiterateWorkflow, qsm_desc
+
+#: Default algorithm of each stage, the one place where they are set (the CLI and
+#: :mod:`qsmprep.config` take them from here). Chosen by ``benchmarks/bench_external.py``
+#: on heads simulated with qsm-forward (axial, oblique, 2x2x3 mm oblique, 7 T;
+#: docs/benchmarks.md): ROMEO after MCPC-3D-S, the brain mask from ROMEO's voxel quality
+#: (it keeps 96-98 % of the brain), PDF (with outlier rejection) and TV, both with the
+#: field's reliability as data weights, gave the lowest worst-case NRMSE from the raw
+#: phase over those heads and qsmprep's own phantom.
+DEFAULT_METHODS: Mapping[str, str] = MappingProxyType(
+    {
+        "unwrapping": "romeo",
+        "masking": "auto",  # quality with ROMEO on wrapped phase, else threshold
+        "bf_removal": "pdf",
+        "inversion": "tv",
+    }
+)
+#: Masking choice that picks ``quality`` when the unwrapping makes a voxel-quality map.
+AUTO_MASKING = "auto"
+
+#: Default processing options besides the algorithms (also set only here).
+DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "input_type": "phase",  # wrapped phase per echo
+        "mcpc3ds": True,  # phase-offset removal (MCPC-3D-S) before unwrapping
+        "two_pass": False,  # two-pass masking/inversion
+        "r2star": "off",  # R2*/T2* maps: "off", "loglinear" or "arlo"
+        "swi": False,  # SWI and minIP
+    }
+)
 
 #: Memory (GB) of the light nodes (stacking echoes, masking).
 LIGHT_MEM_GB = 0.5
@@ -34,6 +68,15 @@ QUALITY_MASKING = frozenset({"quality"})
 
 #: Inversions that the two-pass scheme cannot wrap (not in qsmprep.qsm.inversion).
 NO_TWO_PASS = frozenset({"adaptive-unet"})
+
+
+def resolve_masking(masking: str, unwrapping: str, input_type: str = "phase") -> str:
+    """``auto`` becomes ``quality`` when ``unwrapping`` gives a voxel-quality map (wrapped
+    phase in), else ``threshold``; any other name is returned as it is."""
+    if masking != AUTO_MASKING:
+        return masking
+    quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
+    return "quality" if quality else "threshold"
 
 
 def check_methods(
@@ -67,13 +110,13 @@ def check_methods(
 
 def init_qsm_wf(
     *,
-    unwrapping: str,
-    bf_removal: str,
-    inversion: str,
-    masking: str,
-    input_type: str = "phase",
-    mcpc3ds: bool = False,
-    two_pass: bool = False,
+    unwrapping: str = DEFAULT_METHODS["unwrapping"],
+    bf_removal: str = DEFAULT_METHODS["bf_removal"],
+    inversion: str = DEFAULT_METHODS["inversion"],
+    masking: str = DEFAULT_METHODS["masking"],
+    input_type: str = DEFAULT_OPTIONS["input_type"],
+    mcpc3ds: bool = DEFAULT_OPTIONS["mcpc3ds"],
+    two_pass: bool = DEFAULT_OPTIONS["two_pass"],
     user_mask: bool = False,
     r2star: str | None = None,
     swi: bool = False,
@@ -83,7 +126,8 @@ def init_qsm_wf(
     mem_gb: float = 4.0,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
-    """Build the QSM workflow for one multi-echo GRE run.
+    """Build the QSM workflow for one multi-echo GRE run; with no arguments, the
+    recommended pipeline (:data:`DEFAULT_METHODS`, :data:`DEFAULT_OPTIONS`).
 
     The steps: stack the echoes and scale the phase to radians, compute the side
     information (voxel size, B0 direction in voxel axes) from the affine, mask the
@@ -100,8 +144,9 @@ def init_qsm_wf(
     inversion : str
         A name in ``qsmprep.qsm.inversion.METHODS``, or ``"adaptive-unet"``.
     masking : str
-        A name in ``qsmprep.qsm.masking.METHODS``; ``quality`` thresholds the voxel
-        quality map of ``romeo`` and runs after the unwrapping.
+        A name in ``qsmprep.qsm.masking.METHODS``, or ``auto`` (:func:`resolve_masking`);
+        ``quality`` thresholds the voxel quality map of ``romeo`` and runs after the
+        unwrapping.
     input_type : str
         ``"phase"`` (wrapped phase per echo), ``"unwrapped"`` (unwrapped phase per echo,
         rad: the unwrapping is skipped) or ``"fieldmap"`` (``fieldmap_file``, a total
@@ -181,6 +226,7 @@ def init_qsm_wf(
         ``(X, Y, Z, E)``, after ``phase_sign`` and the NaN/Inf filling), the unwrapped phase
         of the last echo, and how the stored phase was scaled to radians.
     """
+    masking = resolve_masking(masking, unwrapping, input_type)
     check_methods(
         unwrapping,
         masking,
@@ -242,6 +288,7 @@ def init_qsm_wf(
                 "phase",
                 "unwrapped_last",
                 "phase_scaling",
+                "reliability",
             ]
         ),
         name="outputnode",
@@ -339,6 +386,25 @@ def init_qsm_wf(
         if uses_quality:
             wf.connect([(fieldmap, reliable, [("quality", "quality")])])
 
+    if fieldmap is not None:
+        # data weights of the total field: noise of the echo fit, outliers, NaN/Inf inputs
+        reliability = pe.Node(FieldReliability(), name="field_reliability", mem_gb=LIGHT_MEM_GB)
+        # fmt: off
+        wf.connect([
+            (fill, reliability, [("total_field", "total_field")]),
+            (prep, reliability, [("out_mag", "in_mag"), ("side_info", "side_info"),
+                                 ("out_valid", "valid")]),
+            (inputnode, reliability, [("echo_times", "echo_times")]),
+            (brainmask, reliability, [("out_mask", "mask")]),
+            (reliability, bgremove, [("reliability", "weight"), ("out_mask", "mask")]),
+            (reliability, invert, [("reliability", "weight"), ("out_mask", "brain_mask")]),
+            (reliability, outputnode, [("reliability", "reliability")]),
+        ])
+        # fmt: on
+    else:
+        wf.connect([(brainmask, bgremove, [("out_mask", "mask")]),
+                    (brainmask, invert, [("out_mask", "brain_mask")])])  # fmt: skip
+
     if r2star:
         relax = pe.Node(Relaxometry(method=r2star), name="relaxometry", mem_gb=LIGHT_MEM_GB)
         # fmt: off
@@ -363,15 +429,14 @@ def init_qsm_wf(
 
     # fmt: off
     wf.connect([
-        (brainmask, bgremove, [("out_mask", "mask")]),
         (prep, bgremove, [("side_info", "side_info")]),
         (inputnode, bgremove, [("field_strength", "field_strength")]),
         (bgremove, invert, [("local_field", "local_field"),
                             ("out_mask", "mask")]),
         (prep, invert, [("side_info", "side_info")]),
-        (invert, outputnode, [("chi_map", "chi_map")]),
-        (bgremove, outputnode, [("out_mask", "mask"),
-                                ("local_field", "local_field")]),
+        (invert, outputnode, [("chi_map", "chi_map"),
+                              ("out_mask", "mask")]),
+        (bgremove, outputnode, [("local_field", "local_field")]),
         (prep, outputnode, [("side_info", "side_info")]),
     ])
     # fmt: on
