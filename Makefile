@@ -12,23 +12,34 @@ HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 TORCH_INDEX_UP := $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1 && echo 1)
 DEMO_DIR ?= demo
 NPROCS ?= 2
+# Pinned versions of every dependency (the Dockerfile and CI install from it too).
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL := $(PY) -m pip install --quiet -c $(CONSTRAINTS)
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint bench clean constraints
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(HAVE_GPU),1)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
 else ifeq ($(TORCH_INDEX_UP),1)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
 else
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP_INSTALL) "torch==$(TORCH_VERSION)"
 endif
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP_INSTALL) -e ".[sim,templates,test]"
 	@touch $@
+
+# Re-pin after a dependency change: install or upgrade it in .venv, then `make constraints`.
+# torch is pinned without its local label (+cpu, +cu126), so that any build of it fits.
+constraints: venv
+	{ echo "# Pinned dependencies of qsmprep (all extras), from a working .venv by"; \
+	  echo "# 'make constraints'; used by 'make venv', the Dockerfile and CI."; \
+	  $(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	} > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 demo: venv
 	$(VENV)/bin/qsmprep-demo --demo-dir $(DEMO_DIR) --nprocs $(NPROCS)

@@ -20,7 +20,9 @@ no arguments builds the same pipeline as the command line.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -37,12 +39,20 @@ else:  # pragma: no cover - Python 3.10
 #: Inversion methods that are not in :data:`qsmprep.qsm.inversion.METHODS` (torch code).
 EXTRA_INVERSIONS = ("adaptive-unet",)
 
-#: Exit codes (BIDS-Apps draft).
+#: Group level: registration of each run to the template (affine, or affine then SyN).
+#: Affine is the default: on the head phantoms (docs/outputs.md) SyN's cross-contrast
+#: warps (GRE magnitude to a T1w template) moved the deep grey ROIs off their nuclei.
+REGISTRATIONS = ("affine", "syn")
+
+#: Exit codes (BIDS-Apps draft, and the shell's 128 + signal number for interruptions).
 EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_FAILED = 1  # some participant failed; the others' outputs are written
+EXIT_ERROR = 2  # qsmprep itself failed outside any participant (a crash file says why)
 EXIT_INVALID = 16
 EXIT_NOTHING_SELECTED = 18
 EXIT_USAGE = 64
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class ConfigError(ValueError):
@@ -86,8 +96,17 @@ class ExecutionConfig:
     bids_filter_file: Path | None = None
     bids_filters: dict[str, Any] = field(default_factory=dict)
     skip_bids_validation: bool = False
+    megre_suffix: list[str] | None = None
     field_strength: float | None = None
+    stop_on_first_crash: bool = False
+    write_graph: bool = False
+    resource_monitor: bool = False
+    clean_workdir: bool = False
     verbose: int = 0
+    reports_only: bool = False
+    boilerplate_only: bool = False
+    registration: str = "affine"
+    template_chimaps: bool = False
 
 
 @dataclass
@@ -97,6 +116,7 @@ class ResourceConfig:
     nprocs: int = field(default_factory=_default_nprocs)
     omp_nthreads: int | None = None
     mem_gb: float | None = None
+    mem: str | None = None  # fMRIPrep's --mem: MB, or with a unit (16G); sets mem_gb
     use_plugin: Path | None = None
     plugin: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +143,8 @@ class WorkflowConfig:
     mask_derivatives: Path | None = None
     device: str = "auto"
     model: Path | None = None
+    phase_sign: str = "auto"
+    phase_scale: float | None = None
     refine: str = DEFAULT_OPTIONS["refine"]
     refine_steps: int | None = None
 
@@ -146,6 +168,8 @@ class Config:
         unknown = sorted(set(flat) - set(option_names()) - {"config_file"})
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        for name, value in flat.items():
+            check_type(name, value)
         sections = {}
         for name, section in _SECTIONS.items():
             own = {f.name: flat[f.name] for f in fields(section) if f.name in flat}
@@ -179,6 +203,9 @@ class Config:
         if ex.output_dir == ex.bids_dir:
             raise ConfigError("output_dir must differ from bids_dir")
         ex.work_dir = Path(ex.work_dir).absolute()
+        for what, folder in (("output_dir", ex.output_dir), ("work-dir", ex.work_dir)):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{what} {folder} exists and is not a directory")
         if ex.analysis_level not in ("participant", "group"):
             raise ConfigError(
                 f"analysis level must be participant or group, not {ex.analysis_level!r}"
@@ -188,14 +215,31 @@ class Config:
         if ex.bids_filter_file is not None:
             ex.bids_filter_file = Path(ex.bids_filter_file)
             ex.bids_filters = load_bids_filters(ex.bids_filter_file)
+        if ex.megre_suffix is not None:
+            ex.megre_suffix = _suffixes(ex.megre_suffix, ex.bids_filters)
+            ex.bids_filters = {**ex.bids_filters, "suffix": ex.megre_suffix}
+        for name in ("stop_on_first_crash", "write_graph", "resource_monitor", "clean_workdir"):
+            setattr(ex, name, bool(getattr(ex, name)))
         if ex.field_strength is not None:
             ex.field_strength = float(ex.field_strength)
             if not 0 < ex.field_strength <= 30:
                 raise ConfigError(f"field strength must be in (0, 30] T, not {ex.field_strength}")
         ex.verbose = int(ex.verbose)
+        ex.reports_only, ex.boilerplate_only = bool(ex.reports_only), bool(ex.boilerplate_only)
+        if ex.reports_only and ex.boilerplate_only:
+            raise ConfigError("give either reports-only or boilerplate-only, not both")
+        if ex.registration not in REGISTRATIONS:
+            raise ConfigError(
+                f"registration must be one of {', '.join(REGISTRATIONS)}, not {ex.registration!r}"
+            )
+        ex.template_chimaps = bool(ex.template_chimaps)
         res.nprocs = _positive_int(res.nprocs, "nprocs")
         if res.omp_nthreads is not None:
             res.omp_nthreads = _positive_int(res.omp_nthreads, "omp-nthreads")
+        if res.mem is not None:
+            if res.mem_gb is not None:
+                raise ConfigError("give the memory limit with mem or mem-gb, not both")
+            res.mem_gb = parse_memory_gb(res.mem)
         if res.mem_gb is not None:
             res.mem_gb = float(res.mem_gb)
             if res.mem_gb <= 0:
@@ -211,6 +255,8 @@ class Config:
                     f"{stage.replace('_', '-')} must be one of {', '.join(names)}, not {value!r}"
                 )
         wf.mcpc3ds, wf.two_pass, wf.swi = bool(wf.mcpc3ds), bool(wf.two_pass), bool(wf.swi)
+        if ex.megre_suffix is not None and wf.input_type == "fieldmap":
+            raise ConfigError("megre-suffix selects GRE images; it does not apply to fieldmap")
         wf.masking = resolve_masking(wf.masking, wf.unwrapping, wf.input_type)
         from .interfaces.qsm import R2STAR_METHODS
 
@@ -243,6 +289,15 @@ class Config:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        wf.phase_sign = {"1": "+1", "+1": "+1", "-1": "-1", "auto": "auto"}.get(
+            str(wf.phase_sign).strip(), str(wf.phase_sign)
+        )
+        if wf.phase_sign not in ("auto", "+1", "-1"):
+            raise ConfigError(f"phase-sign must be auto, +1 or -1, not {wf.phase_sign!r}")
+        if wf.phase_scale is not None:
+            wf.phase_scale = parse_phase_scale(wf.phase_scale)
+        if wf.input_type == "fieldmap" and (wf.phase_sign != "auto" or wf.phase_scale):
+            raise ConfigError("phase-sign and phase-scale apply to phase, not to a field map")
         if wf.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, not {wf.device!r}")
         if wf.refine_steps is not None:
@@ -258,6 +313,81 @@ _SECTIONS = {
     "resources": ResourceConfig,
     "workflow": WorkflowConfig,
 }
+
+#: What each setting holds (a TOML value of another type is a usage error); the rest are
+#: strings.
+_KINDS = {
+    "bids_dir": "path",
+    "output_dir": "path",
+    "work_dir": "path",
+    "bids_filter_file": "path",
+    "use_plugin": "path",
+    "mask_file": "path",
+    "mask_derivatives": "path",
+    "model": "path",
+    "config_file": "path",
+    "participant_label": "labels",
+    "session_label": "labels",
+    "skip_bids_validation": "bool",
+    "mcpc3ds": "bool",
+    "two_pass": "bool",
+    "swi": "bool",
+    "reports_only": "bool",
+    "boilerplate_only": "bool",
+    "template_chimaps": "bool",
+    "stop_on_first_crash": "bool",
+    "write_graph": "bool",
+    "resource_monitor": "bool",
+    "clean_workdir": "bool",
+    "megre_suffix": "suffixes",
+    "mem": "memory",
+    "field_strength": "number",
+    "mem_gb": "number",
+    "nprocs": "integer",
+    "omp_nthreads": "integer",
+    "refine_steps": "integer",
+    "verbose": "integer",
+    "phase_sign": "sign",
+    "phase_scale": "scale",
+}
+
+_KIND_TEXT = {
+    "path": "a path (string)",
+    "labels": 'a label or a list of labels, as strings (e.g. ["01", "02"])',
+    "bool": "true or false",
+    "number": "a number",
+    "integer": "an integer",
+    "str": "a string",
+    "sign": "auto, +1 or -1",
+    "scale": 'a number or an expression such as "pi/4096"',
+    "suffixes": 'a suffix or a list of suffixes, as strings (e.g. ["MP2RAGE"])',
+    "memory": 'MB as a number (16000) or a string with a unit ("16G")',
+}
+
+
+def check_type(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` has the type of setting ``name``."""
+    kind = _KINDS.get(_key(name), "str")
+    ok = {
+        "path": lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "",
+        "labels": lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ),
+        "bool": lambda v: isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "sign": lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+        "scale": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        "suffixes": lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ),
+        "memory": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+    }[kind](value)
+    if not ok:
+        option = _key(name).replace("_", "-")
+        raise ConfigError(f"{option} must be {_KIND_TEXT[kind]}, not {value!r}")
+
 
 #: Fields derived from others, never set directly.
 _DERIVED = {"bids_filters", "plugin"}
@@ -283,11 +413,48 @@ def _labels(values: list[str] | str | None, prefix: str) -> list[str] | None:
     for v in values:
         v = str(v)
         v = v[len(prefix) :] if v.startswith(prefix) else v
-        if not v or not v.isalnum():
+        if not re.fullmatch(r"[A-Za-z0-9]+", v):
             raise ConfigError(f"label {v!r} is not alphanumeric (BIDS labels are [a-zA-Z0-9]+)")
         if v not in out:
             out.append(v)
     return out
+
+
+def _suffixes(values: list[str] | str, filters: Mapping[str, Any]) -> list[str]:
+    from .bids import GRE_SUFFIXES
+
+    values = [values] if isinstance(values, str) else list(values)
+    bad = [v for v in values if v not in GRE_SUFFIXES]
+    if bad or not values:
+        raise ConfigError(
+            f"megre-suffix must be among {', '.join(GRE_SUFFIXES)}, not {', '.join(bad) or 'none'}"
+        )
+    if "suffix" in filters:
+        raise ConfigError(
+            "give the GRE suffix with megre-suffix or in the BIDS filter file, not both"
+        )
+    return list(dict.fromkeys(values))
+
+
+#: Units of ``--mem`` (decimal, as fMRIPrep reads them), in GB; no unit means MB.
+_MEM_UNITS = {"": 1e-3, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+
+
+def parse_memory_gb(value: Any) -> float:
+    """``--mem`` as fMRIPrep has it: a number of MB (``16000``), or a number with a unit
+    ``K``, ``M``, ``G`` or ``T`` (optionally followed by ``B``: ``16G``, ``16GB``); in GB."""
+    text = str(value).strip().upper().removesuffix("B")
+    number = text.rstrip("KMGT")
+    unit = text[len(number) :]
+    try:
+        gb = float(number) * _MEM_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"mem must be MB (16000) or a number with a unit (16G), not {value!r}"
+        ) from None
+    if not 0 < gb < float("inf"):
+        raise ConfigError(f"mem must be positive and finite, not {value!r}")
+    return gb
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -298,6 +465,25 @@ def _positive_int(value: Any, name: str) -> int:
     if n < 1:
         raise ConfigError(f"{name} must be at least 1, not {n}")
     return n
+
+
+def parse_phase_scale(value: float | str) -> float:
+    """``--phase-scale``: radians per stored unit, as a number or a product/quotient of
+    numbers and ``pi`` (``"pi/4096"``, ``"2*pi/4096"``, ``"1/1000"``)."""
+    text = str(value).replace(" ", "").lower()
+    tokens = re.split(r"([*/])", text)
+    try:
+        result = math.pi if tokens[0] == "pi" else float(tokens[0])
+        for op, token in zip(tokens[1::2], tokens[2::2], strict=True):
+            factor = math.pi if token == "pi" else float(token)
+            result = result * factor if op == "*" else result / factor
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f'phase-scale must be a number or an expression such as "pi/4096", not {value!r}'
+        ) from None
+    if not (math.isfinite(result) and result > 0):
+        raise ConfigError(f"phase-scale must be positive, not {value!r}")
+    return result
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -362,4 +548,23 @@ def load_plugin(path: Path) -> dict[str, Any]:
     args = data.get("plugin_args") or {}
     if not isinstance(args, dict):
         raise ConfigError(f"plugin file {path}: plugin_args must be a mapping")
-    return {"plugin": str(data["plugin"]), "plugin_args": args}
+    name = str(data["plugin"])
+    known = nipype_plugins()
+    if name not in known:
+        raise ConfigError(
+            f"plugin file {path}: unknown nipype plugin {name!r} (known: {', '.join(known)})"
+        )
+    return {"plugin": name, "plugin_args": args}
+
+
+def nipype_plugins() -> tuple[str, ...]:
+    """Names of the execution plugins of the installed nipype (``MultiProc``, ``SLURM``...)."""
+    from nipype.pipeline import plugins
+
+    return tuple(
+        sorted(
+            n.removesuffix("Plugin")
+            for n in dir(plugins)
+            if n.endswith("Plugin") and n != "Plugin"
+        )
+    )

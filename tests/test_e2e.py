@@ -1,14 +1,15 @@
 """The qsmprep command end to end on the small (4 mm) head phantom, default methods.
 
-One dataset, one run of the command for the whole module:
+The run of conftest's ``phantom_study`` (shared with the report and group-level tests),
+whose input passed the BIDS validator:
 - sub-01: axial B0;
 - sub-02: oblique B0 (the affine is tilted 20 and 10 degrees);
-- sub-03: no MagneticFieldStrength in the sidecars (fails until --field-strength is given);
-- sub-04: a copy of sub-01 whose phase is neither radians nor integers (fails in a node).
+- sub-05: a copy of sub-01 whose phase is neither radians nor integers (fails in a node);
+- sub-06: no MagneticFieldStrength in the sidecars (fails until --field-strength is given).
+The tests that run the command again write to their own output folders.
 """
 
 import json
-import shutil
 
 import nibabel as nb
 import numpy as np
@@ -17,39 +18,16 @@ import pytest
 from qsmprep.cli.run import validate_bids
 from qsmprep.qsm.metrics import nrmse
 from qsmprep.qsm.sideinfo import b0_direction
-from qsmprep.sim import SubjectSpec, write_bids_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e") / "bids"
-    info = write_bids_dataset(
-        root,
-        [
-            SubjectSpec("01", seed=0),
-            SubjectSpec("02", b0_tilt_deg=(20.0, 10.0), seed=0),
-            SubjectSpec("03", write_field_strength=False, seed=0),
-        ],
-        preset="small",
-    )
-    src, dst = root / "sub-01", root / "sub-04"
-    shutil.copytree(src, dst)
-    for path in sorted(dst.rglob("sub-01_*")):
-        path.rename(path.with_name(path.name.replace("sub-01_", "sub-04_")))
-    phase = dst / "anat" / "sub-04_echo-2_part-phase_MEGRE.nii.gz"
-    img = nb.load(phase)
-    nb.save(nb.Nifti1Image(img.get_fdata(dtype=np.float32) * 10.5, img.affine), phase)
-    with (root / "participants.tsv").open("a") as f:
-        f.write("sub-04\t0\n")
-    return info
+def dataset(phantom_study):
+    return phantom_study["info"]
 
 
 @pytest.fixture(scope="module")
-def first_run(dataset, tmp_path_factory, run_cli):
-    base = tmp_path_factory.mktemp("e2e_run")
-    out, work = base / "out", base / "work"
-    code, err = run_cli([dataset.root, out, "participant", "-w", work, "--nprocs", "1"])
-    return code, err, out, work
+def first_run(phantom_study):
+    return tuple(phantom_study[k] for k in ("code", "err", "out", "work"))
 
 
 def _anat(out, sub):
@@ -61,13 +39,15 @@ def test_exit_1_and_one_line_per_failed_participant(first_run):
     assert code == 1
     lines = [ln for ln in err.splitlines() if " failed: " in ln]
     assert len(lines) == 2, err
-    (sub03,) = [ln for ln in lines if "sub-03" in ln]
-    assert "MagneticFieldStrength missing" in sub03
-    assert "sub-03_echo-1_part-phase_MEGRE.json" in sub03 and "--field-strength" in sub03
-    (sub04,) = [ln for ln in lines if "sub-04" in ln]
-    assert "prepare_echoes" in sub04 and "PhaseScalingError" in sub04
-    assert list((work / "crash" / "sub-04").glob("crash-*.txt"))  # crash file in the work dir
-    assert not (out / "sub-03").exists() and not (out / "sub-04").exists()
+    (sub06,) = [ln for ln in lines if "sub-06" in ln]
+    assert "MagneticFieldStrength missing" in sub06
+    assert "sub-06_echo-1_part-phase_MEGRE.json" in sub06 and "--field-strength" in sub06
+    (sub05,) = [ln for ln in lines if "sub-05" in ln]
+    assert "prepare_echoes" in sub05 and "PhaseScalingError" in sub05
+    assert list((work / "crash" / "sub-05").glob("crash-*.txt"))  # crash file in the work dir
+    # no outputs for them; their folders hold only the log and report figures
+    assert not (out / "sub-05" / "anat").exists() and not (out / "sub-06" / "anat").exists()
+    assert list((out / "sub-05" / "log").glob("*/crash-*.txt"))  # crash file copied
 
 
 @pytest.mark.parametrize("sub", ["01", "02"])
@@ -110,7 +90,7 @@ def test_chimap_sidecar(first_run, dataset):
         assert (dataset.root / src[len("bids:raw:") :]).is_file()
     assert len(meta["Sources"]) == 2 * len(meta["EchoTime"])
     assert meta["DipoleInversion"]["Method"] == "tv"
-    assert meta["DipoleInversion"]["Parameters"]["max_iter"] == 50
+    assert meta["DipoleInversion"]["Parameters"]["max_iter"] == 35
     assert meta["Masking"]["Method"] == "quality"
     assert {"Unwrapping", "Masking", "BackgroundFieldRemoval", "Referencing"} <= set(meta)
     assert meta["SideInformation"] == {"VoxelSize": [4.0, 4.0, 4.0], "B0Direction": [0, 0, 1.0]}
@@ -137,27 +117,26 @@ def test_output_passes_the_bids_validator(first_run):
     assert validate_bids(first_run[2]) == []
 
 
-def test_field_strength_option_rescues_the_participant(first_run, dataset, run_cli):
-    _, _, out, work = first_run
+def test_field_strength_option_rescues_the_participant(dataset, run_cli, tmp_path):
+    out = tmp_path / "out"
     code, err = run_cli(
-        [dataset.root, out, "participant", "-w", work, "--nprocs", "1",
-         "--participant-label", "sub-03", "--field-strength", "3", "--skip-bids-validation"]
+        [dataset.root, out, "participant", "-w", tmp_path / "work", "--nprocs", "1",
+         "--participant-label", "sub-06", "--field-strength", "3", "--skip-bids-validation"]
     )  # fmt: skip
     assert code == 0, err
-    meta = json.loads((_anat(out, "03") / "sub-03_Chimap.json").read_text())
+    meta = json.loads((_anat(out, "06") / "sub-06_Chimap.json").read_text())
     assert meta["MagneticFieldStrength"] == 3.0
 
 
-def test_rerun_resumes_from_the_work_dir(first_run, dataset, run_cli):
-    _, _, out, work = first_run
+def test_rerun_resumes_from_the_work_dir(first_run, dataset, run_cli, tmp_path):
+    work = first_run[3]
     result = next(work.glob("sub_01_wf/*/dipole_inversion/result_dipole_inversion.pklz"))
     stamp = result.stat().st_mtime_ns
-    chimap = _anat(out, "01") / "sub-01_Chimap.nii.gz"
-    chimap.unlink()
+    out = tmp_path / "out"  # an empty output folder: the shared one stays as it is
     code, err = run_cli(
         [dataset.root, out, "participant", "-w", work, "--nprocs", "1",
          "--participant-label", "01", "--skip-bids-validation"]
     )  # fmt: skip
     assert code == 0, err
-    assert chimap.is_file()  # the sink wrote it again
+    assert (_anat(out, "01") / "sub-01_Chimap.nii.gz").is_file()  # the sink wrote it again
     assert result.stat().st_mtime_ns == stamp  # the inversion was not run again

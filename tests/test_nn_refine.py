@@ -153,3 +153,13 @@ def test_refine_choices_match_the_workflow():
     from qsmprep.workflows.qsm import REFINE_METHODS
 
     assert REFINE_METHODS == R.REFINE_METHODS
+
+
+def test_the_workflow_describes_and_cites_its_refinement():
+    from qsmprep.reports.boilerplate import cited_keys
+    from qsmprep.workflows.qsm import init_qsm_wf
+
+    for refine, key in (("finetune", "liu2019qsminvnet"), ("dip", "ulyanov2018")):
+        text = init_qsm_wf(inversion="adaptive-unet", refine=refine).visit_desc()
+        assert key in cited_keys(text) and "reliability" in text.split("U-Net")[-1]
+    assert "ulyanov2018" not in cited_keys(init_qsm_wf(inversion="adaptive-unet").visit_desc())

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -83,11 +85,62 @@ def test_phase_siemens_integer_range():
 
 
 def test_phase_integer_range_not_min_max_rescaled():
-    # data that do not reach the extremes must keep the vendor scaling
+    # data that do not reach the ends of a known range are not guessed: neither rescaled
+    # by their min/max nor given the nearest power of two; --phase-scale says how
     truth = np.linspace(-2.0, 2.5, 500)
     stored = np.round(truth * 4096 / np.pi).astype(np.float32)
-    out, _ = ph.scale_phase(stored)
+    with pytest.raises(ph.PhaseScalingError, match=r"-2608\.\.3259, which is not one .*"
+                       r"--phase-scale"):  # fmt: skip
+        ph.scale_phase(stored)
+    out, how = ph.scale_phase(stored, scale=np.pi / 4096)
     np.testing.assert_allclose(out, truth, atol=2 * np.pi / 4096)
+    assert "--phase-scale" in how
+
+
+def _wrapped(n=2000, seed=0):
+    """Wrapped phase as from a head with noise around it: it fills [-pi, pi)."""
+    return np.random.default_rng(seed).uniform(-np.pi, np.pi, n)
+
+
+@pytest.mark.parametrize(
+    "low, high, per_unit",
+    [(-3142, 3142, 1e-3), (-4096, 4095, np.pi / 4096), (-2048, 2047, np.pi / 2048),
+     (0, 4095, 2 * np.pi / 4096), (-32768, 32767, np.pi / 32768)],
+)  # fmt: skip
+def test_phase_known_integer_ranges(low, high, per_unit):
+    truth = _wrapped()
+    if low == 0:
+        stored = np.round(np.mod(truth, 2 * np.pi) / per_unit).clip(low, high)
+    else:
+        stored = np.round(truth / per_unit).clip(low, high)
+    out, how = ph.scale_phase(stored.astype(np.int32), "arbitrary")
+    assert f"{low}..{high}" in how
+    np.testing.assert_allclose(np.exp(1j * out), np.exp(1j * truth), atol=2 * per_unit)
+
+
+def test_phase_ranges_that_are_no_known_range_fail():
+    # +-500 was scaled by pi/512, +-3142 milliradians by pi/4096: both silently wrong
+    truth = _wrapped()
+    with pytest.raises(ph.PhaseScalingError, match="not one of the known ranges"):
+        ph.scale_phase(np.round(truth / np.pi * 500))
+    out, _ = ph.scale_phase(np.round(truth / np.pi * 500), scale=np.pi / 500)
+    np.testing.assert_allclose(np.exp(1j * out), np.exp(1j * truth), atol=2 * np.pi / 500)
+
+
+def test_phase_units_and_non_finite_values():
+    truth = _wrapped()
+    for units, per_unit in (("mrad", 1e-3), ("deg", np.pi / 180)):
+        out, how = ph.scale_phase(truth / per_unit, units)
+        np.testing.assert_allclose(out, ph.wrap(truth), atol=1e-5)
+        assert units in how
+    stored = np.round(truth * 1000)
+    stored[:3] = (np.nan, np.inf, -np.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning
+        out, _ = ph.scale_phase(stored)
+    assert np.isnan(out[:3]).all() and np.isfinite(out[3:]).all()
+    with pytest.raises(ph.PhaseScalingError, match="positive"):
+        ph.scale_phase(stored, scale=0.0)
 
 
 def test_phase_unsigned_range():
@@ -108,3 +161,31 @@ def test_units():
     assert ph.hz_to_ppm(42.577478 * 3, 3.0) == pytest.approx(1.0)
     assert ph.ppm_to_hz(1.0, 7.0) == pytest.approx(42.577478 * 7)
     assert ph.rad_to_hz(2 * np.pi * 0.01 * 50, 0.01) == pytest.approx(50)
+
+
+def test_fill_non_finite_takes_the_neighbours_and_leaves_bad_regions_empty():
+    x = np.arange(12, dtype=np.float32)[:, None, None] * np.ones((12, 12, 12), np.float32)
+    phase = np.stack([0.1 * x, 0.2 * x], axis=-1) - 1.0  # smooth, no wraps
+    mag = np.ones_like(phase)
+    phase[5, 5, 5, 0] = np.nan  # one bad echo of one voxel
+    mag[2, 8, 3, 1] = np.inf
+    phase[8:12, 8:12, 8:12, :] = np.nan  # a bad corner region
+    out_ph, out_mag, bad, filled = ph.fill_non_finite(phase, mag)
+    assert bad.sum() == 2 + 64 and np.all(np.isfinite(out_ph)) and np.all(np.isfinite(out_mag))
+    assert filled[5, 5, 5] and filled[2, 8, 3] and not filled[10, 10, 10]
+    # the mean of a linear phase over a symmetric neighbourhood is its centre value
+    np.testing.assert_allclose(out_ph[5, 5, 5], [0.1 * 5 - 1, 0.2 * 5 - 1], atol=1e-5)
+    np.testing.assert_allclose(out_mag[2, 8, 3], 1.0, atol=1e-6)
+    assert np.all(out_mag[9:, 9:, 9:] == 0)  # deep inside the region: no signal
+    assert not bad[0, 0, 0] and out_ph[0, 0, 0, 1] == phase[0, 0, 0, 1]
+
+
+def test_fill_from_neighbours_interpolates_a_smooth_field():
+    x, y, z = np.meshgrid(*[np.arange(10.0)] * 3, indexing="ij")
+    field = (3 * x - 2 * y + z).astype(np.float32)
+    known = np.ones(field.shape, bool)
+    known[4, 4, 4] = known[4, 5, 4] = False  # two neighbouring holes
+    broken = np.where(known, field, np.float32(1e6))
+    out = ph.fill_from_neighbours(broken, known)
+    np.testing.assert_allclose(out[~known], field[~known], atol=0.5)
+    np.testing.assert_array_equal(out[known], field[known])

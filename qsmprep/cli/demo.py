@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     demo = args.demo_dir.absolute()
     bids_dir, out_dir, work_dir = demo / "bids", demo / "out", demo / "work"
-    info = write_demo_dataset(bids_dir, args.preset)
+    try:
+        info = write_demo_dataset(bids_dir, args.preset)
+    except ValueError as e:  # e.g. no simulator (the runtime image); a non-empty folder
+        print(f"qsmprep-demo: {e}", file=sys.stderr)
+        return 1
     cmd = [str(bids_dir), str(out_dir), "participant", "-w", str(work_dir),
            "--nprocs", str(args.nprocs)]  # fmt: skip
     print("qsmprep-demo: running qsmprep " + " ".join(cmd))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,15 +17,32 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..qsm.sideinfo import SideInformation
+from ..qsm.sideinfo import SideInformation, b0_direction
 
 logger = logging.getLogger("qsmprep")
 
+#: Angle (degrees) between the B0 directions given by the qform and by the sform beyond
+#: which they are reported as disagreeing.
+FORM_ANGLE_TOL_DEG = 0.5
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be read (truncated, corrupt, not NIfTI); the message names it."""
+
 
 def load(path: str, dtype=np.float32) -> tuple[np.ndarray, nb.Nifti1Image]:
-    """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image."""
-    img = nb.load(path)
-    return np.asarray(img.dataobj, dtype=dtype), img
+    """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image.
+
+    A file that cannot be read raises :class:`ImageReadError` naming it.
+    """
+    try:
+        img = nb.load(path)
+        return np.asarray(img.dataobj, dtype=dtype), img
+    except (OSError, EOFError, ValueError, zlib.error, nb.filebasedimages.ImageFileError) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ImageReadError(
+            f"{os.path.basename(path)} cannot be read; the file is truncated or corrupt ({reason})"
+        ) from None
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -44,6 +64,47 @@ def save_like(data: np.ndarray, ref: nb.Nifti1Image, path: str, dtype=np.float32
     img.set_data_dtype(dtype)
     nb.save(img, path)
     return os.path.abspath(path)
+
+
+def scanner_affine(img: nb.Nifti1Image, name: str) -> tuple[np.ndarray, str]:
+    """The affine that places ``img`` in the scanner frame, for B0, and which one it is.
+
+    The qform when its code is 1 ("scanner anatomical"): a sform may hold a registration
+    to another space, which would turn B0. Otherwise the sform when its code is 1, else
+    nibabel's choice. A warning names ``name`` when the qform and the sform are both set
+    and their B0 directions differ by more than :data:`FORM_ANGLE_TOL_DEG`.
+    """
+    qform, qcode = img.header.get_qform(coded=True)
+    sform, scode = img.header.get_sform(coded=True)
+    qcode, scode = int(qcode or 0), int(scode or 0)
+    if qform is not None and sform is not None:
+        try:
+            cos = float(np.dot(b0_direction(qform), b0_direction(sform)))
+        except ValueError:  # a sheared form: b0_direction refuses it later if it is used
+            cos = 1.0
+        angle = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+        if angle > FORM_ANGLE_TOL_DEG:
+            logger.warning(
+                "%s: the qform (code %d) and the sform (code %d) put B0 %.1f degrees apart; "
+                "B0 is taken from the %s",
+                name,
+                qcode,
+                scode,
+                angle,
+                "qform (scanner)" if qcode == 1 else "sform",
+            )
+    if qform is not None and qcode == 1:
+        return qform, "qform (scanner, code 1)"
+    if sform is not None and scode == 1:
+        return sform, "sform (scanner, code 1)"
+    return np.asarray(img.affine), f"affine (qform code {qcode}, sform code {scode})"
+
+
+def has_signal(mag: np.ndarray) -> np.ndarray:
+    """Voxels whose magnitude (3D or ``(X, Y, Z, E)``) is non-zero in some echo; the others
+    carry no phase (e.g. regions that were NaN/Inf, zeroed by the preparation) and stay out
+    of masks."""
+    return np.asarray(mag).reshape(*mag.shape[:3], -1).any(axis=-1)
 
 
 def read_side_info(path: str) -> SideInformation:
@@ -104,3 +165,18 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
 def atomic_write_json(obj: dict, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back within the block (they arrive when it ends), so that a
+    group of file moves is not cut in half. Outside the main thread it does nothing."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -15,7 +19,10 @@ from nipype.interfaces.base import (
 )
 
 from .. import __version__
-from ._io import atomic_write_bytes, atomic_write_json
+from ..bids import DERIVATIVE_ENTITIES, NAME_ENTITIES
+from ._io import atomic_write_bytes, atomic_write_json, signals_deferred
+
+logger = logging.getLogger("qsmprep")
 
 CODE_URL = "https://github.com/qsmprep/qsmprep"
 BIDS_VERSION = "1.10.0"
@@ -34,6 +41,18 @@ NONSTANDARD_PATTERNS = (
     "*_swi.json",
     "*_minIP.nii.gz",
     "*_minIP.json",
+    "*_rois.tsv",  # group level: deep grey ROI statistics per run
+    "*.html",  # reports, with their figures, logs and the group level's folder
+    "**/figures",
+    "**/log",
+    "logs",
+    "group",
+)
+
+#: Outputs keep every entity of their input run, also those that BIDS does not allow on
+#: derivative maps (e.g. ``inv-`` of MP2RAGE): such files are listed in .bidsignore too.
+NONSTANDARD_ENTITY_PATTERNS = tuple(
+    f"*_{key}-*" for entity, key in NAME_ENTITIES.items() if entity not in DERIVATIVE_ENTITIES
 )
 
 
@@ -43,6 +62,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     out_path = traits.Str(mandatory=True, desc="path relative to base_directory (.nii.gz)")
     metadata = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="sidecar content")
     side_info = File(exists=True, desc="side information JSON, stored as SideInformation")
+    extra_meta = File(exists=True, desc="JSON object whose keys are added to the sidecar")
     metadata_file = File(exists=True, desc="JSON object merged into the sidecar (nested keys too)")
 
 
@@ -70,6 +90,8 @@ class DerivativesSink(SimpleInterface):
             raise ValueError(f"in_file must be a compressed NIfTI (.nii.gz), not {src.name}")
         out = Path(self.inputs.base_directory) / rel
         meta = dict(self.inputs.metadata)
+        if isdefined(self.inputs.extra_meta):
+            meta.update(json.loads(Path(self.inputs.extra_meta).read_text()))
         if isdefined(self.inputs.side_info):
             meta["SideInformation"] = json.loads(Path(self.inputs.side_info).read_text())
         if isdefined(self.inputs.metadata_file):
@@ -91,6 +113,75 @@ def merge_metadata(base: dict, extra: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+class _CommitRunInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="every file of the run, under stage_dir"
+    )
+    stage_dir = traits.Directory(mandatory=True, desc="where the sinks wrote")
+    output_dir = traits.Directory(mandatory=True, desc="derivatives dataset root")
+    replaces = traits.Str(
+        mandatory=True,
+        desc="regular expression of the paths (relative to output_dir) of the run's earlier "
+        "outputs, which the new set replaces",
+    )
+
+
+class _CommitRunOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True), desc="the files in output_dir")
+
+
+class CommitRun(SimpleInterface):
+    """Move a run's complete set of outputs from the staging folder into the dataset.
+
+    Connected after every sink of a run, it runs only when all of them succeeded; a run
+    that fails leaves its earlier outputs untouched. See :func:`commit_files`.
+    """
+
+    input_spec = _CommitRunInputSpec
+    output_spec = _CommitRunOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_files"] = commit_files(
+            self.inputs.in_files,
+            self.inputs.stage_dir,
+            self.inputs.output_dir,
+            self.inputs.replaces,
+        )
+        return runtime
+
+
+def commit_files(
+    files: list[str], stage_dir: str | Path, output_dir: str | Path, replaces: str
+) -> list[str]:
+    """Move ``files`` (under ``stage_dir``) to the same relative paths under ``output_dir``.
+
+    Files of ``output_dir`` whose relative path matches ``replaces`` (the run's earlier
+    outputs) and that the new set lacks are deleted, so the folder never mixes two runs'
+    files. The moves are ``os.replace`` within one file system, with SIGINT and SIGTERM held
+    back until all are done. Returns the new paths.
+    """
+    stage, out = Path(stage_dir).absolute(), Path(output_dir).absolute()
+    rels = [Path(f).absolute().relative_to(stage) for f in files]
+    pattern = re.compile(replaces)
+    keep = {rel.as_posix() for rel in rels}
+    stale = []
+    for folder in sorted({rel.parent for rel in rels}):
+        if (out / folder).is_dir():
+            for old in (out / folder).iterdir():
+                rel = (folder / old.name).as_posix()
+                if rel not in keep and pattern.fullmatch(rel):
+                    stale.append(old)
+    with signals_deferred():
+        for rel in rels:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out / rel)
+        for old in stale:
+            old.unlink(missing_ok=True)
+    if stale:
+        logger.info("replaced the earlier outputs %s", ", ".join(p.name for p in stale))
+    return [str(out / rel) for rel in rels]
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
@@ -119,5 +210,5 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
     atomic_write_json(description, output_dir / "dataset_description.json")
     ignore = output_dir / ".bidsignore"
     lines = ignore.read_text().splitlines() if ignore.exists() else []
-    lines += [p for p in NONSTANDARD_PATTERNS if p not in lines]
+    lines += [p for p in (*NONSTANDARD_PATTERNS, *NONSTANDARD_ENTITY_PATTERNS) if p not in lines]
     atomic_write_bytes(("\n".join(lines) + "\n").encode(), ignore)

@@ -8,6 +8,7 @@ the package conventions: phase rad, echo times s, total field Hz, local field an
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -21,9 +22,20 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm.phase import PhaseScalingError, scale_phase
+from ..qsm.phase import PhaseScalingError, fill_non_finite, scale_phase, wrap
 from ..qsm.sideinfo import SideInformation
-from ._io import load, load_mask, read_side_info, save_like, stage, thread_limits
+from ._io import (
+    has_signal,
+    load,
+    load_mask,
+    read_side_info,
+    save_like,
+    scanner_affine,
+    stage,
+    thread_limits,
+)
+
+logger = logging.getLogger("qsmprep")
 
 #: Affine agreement (mm) required between the echoes and parts of one run.
 AFFINE_TOL_MM = 1e-3
@@ -39,6 +51,10 @@ class _PrepareEchoesInputSpec(BaseInterfaceInputSpec):
     wrapped = traits.Bool(
         True, usedefault=True, desc="False: the phase is already unwrapped (rad), kept as is"
     )
+    phase_sign = traits.Enum(1, -1, usedefault=True, desc="factor applied to the phase")
+    phase_scale = traits.Either(
+        None, traits.Float, default=None, usedefault=True, desc="radians per stored unit"
+    )
 
 
 class _PrepareEchoesOutputSpec(TraitedSpec):
@@ -46,6 +62,8 @@ class _PrepareEchoesOutputSpec(TraitedSpec):
     out_phase = File(exists=True, desc="phase (X, Y, Z, E) in rad, [-pi, pi)")
     side_info = File(exists=True, desc="JSON: VoxelSize (mm), B0Direction (voxel axes)")
     phase_scaling = traits.Str(desc="how the stored phase was converted to radians")
+    conventions = File(exists=True, desc="JSON: how the inputs were read, for the sidecars")
+    out_valid = File(exists=True, desc="mask of the voxels with finite phase and magnitude")
 
 
 class PrepareEchoes(SimpleInterface):
@@ -53,7 +71,15 @@ class PrepareEchoes(SimpleInterface):
 
     Checks that every magnitude and phase image shares one 3D grid (shape and affine)
     and that there is one echo time per echo. With ``wrapped=False`` the phase is
-    pre-unwrapped radians and passes through unscaled.
+    pre-unwrapped radians and passes through unscaled. The phase is multiplied by
+    ``phase_sign`` (-1 for GE's left-handed phase). Voxels whose phase or magnitude is NaN
+    or Inf in some echo take their finite neighbours' data
+    (:func:`~qsmprep.qsm.phase.fill_non_finite`; :class:`FillField` later interpolates
+    the field there), or zero magnitude (no signal, out of every mask) inside larger bad
+    regions; they are left out of ``out_valid`` (the two-pass reliable mask) and their
+    count is logged. The B0 direction comes from the scanner
+    qform (:func:`~qsmprep.interfaces._io.scanner_affine`). ``conventions`` records the
+    scaling, the sign, the non-finite voxels and the B0 source.
     """
 
     input_spec = _PrepareEchoesInputSpec
@@ -72,33 +98,77 @@ class PrepareEchoes(SimpleInterface):
         mag, ref_img = _load_on_grid(mags)
         stored = _load_on_grid(phases, ref_img, mags[0], dtype=None)[0]
         name = os.path.basename(phases[0])
+        scale = self.inputs.phase_scale
         if self.inputs.wrapped:
             # one scaling for the whole run: a vendor range is detected on all echoes together
             try:
-                phase, how = scale_phase(stored, self.inputs.phase_units)
+                phase, how = scale_phase(stored, self.inputs.phase_units, scale)
             except PhaseScalingError as e:
                 raise PhaseScalingError(f"run of {name}: {e}") from None
         else:
             units = self.inputs.phase_units
-            if units is not None and units.lower() not in ("rad", "radian", "radians"):
-                raise ValueError(f"unwrapped phase of {name} must be in rad, not {units!r}")
-            phase, how = stored.astype(np.float32), "unwrapped radians"
-            if not np.all(np.isfinite(phase)):
-                raise ValueError(f"unwrapped phase of the run of {name} has non-finite values")
+            if scale is not None:
+                phase, how = stored * np.float32(scale), f"unwrapped, scaled by {scale:.6g}"
+            elif units is None or units.lower() in ("rad", "radian", "radians"):
+                phase, how = stored.astype(np.float32), "unwrapped radians"
+            else:
+                raise ValueError(
+                    f"unwrapped phase of {name} must be in rad, not {units!r} "
+                    "(or pass --phase-scale)"
+                )
+        sign = int(self.inputs.phase_sign)
+        if sign == -1:
+            phase = wrap(-phase) if self.inputs.wrapped else -phase
+        phase, mag, bad, filled = fill_non_finite(phase, mag, wrapped=self.inputs.wrapped)
+        _report_non_finite(bad, filled, f"run of {name}", "phase or magnitude")
         cwd = runtime.cwd
+        self._results["out_valid"] = save_like(
+            ~bad, ref_img, os.path.join(cwd, "valid.nii.gz"), dtype=np.uint8
+        )
         self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii.gz"))
         self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii.gz"))
-        self._results["side_info"] = _write_side_info(ref_img, cwd)
+        self._results["side_info"], b0_source = _write_side_info(ref_img, cwd, name)
         self._results["phase_scaling"] = how
+        self._results["conventions"] = _write_conventions(
+            cwd,
+            PhaseScaling=how,
+            PhaseSign=sign,
+            NonFiniteVoxels=int(bad.sum()),
+            B0DirectionSource=b0_source,
+        )
         return runtime
 
 
-def _write_side_info(img, cwd: str) -> str:
-    side = SideInformation.from_affine(img.affine).to_dict()
+def _report_non_finite(bad: np.ndarray, filled: np.ndarray, what: str, where: str) -> None:
+    """One line: how many voxels were NaN/Inf and what became of them."""
+    if not bad.any():
+        return
+    lost = int((bad & ~filled).sum())
+    logger.warning(
+        "%s: %d voxel(s) with NaN or Inf %s: the field there is interpolated from the "
+        "neighbours, and they are left out of the reliable mask%s",
+        what,
+        int(bad.sum()),
+        where,
+        f"; {lost} in larger bad regions are left out of the masks" if lost else "",
+    )
+
+
+def _write_conventions(cwd: str, **record) -> str:
+    path = os.path.join(cwd, "conventions.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
+
+
+def _write_side_info(img, cwd: str, name: str) -> tuple[str, str]:
+    """Side information from the scanner affine of ``img``; its file and the affine used."""
+    affine, source = scanner_affine(img, name)
+    side = SideInformation.from_affine(affine).to_dict()
     path = os.path.join(cwd, "side_info.json")
     with open(path, "w") as f:
         json.dump(side, f, indent=2)
-    return path
+    return path, source
 
 
 class _PrepareFieldMapInputSpec(BaseInterfaceInputSpec):
@@ -111,10 +181,17 @@ class _PrepareFieldMapOutputSpec(TraitedSpec):
     out_mag = File(exists=True, desc="magnitude (X, Y, Z, E), float32")
     total_field = File(exists=True, desc="total field (Hz)")
     side_info = File(exists=True, desc="JSON: VoxelSize (mm), B0Direction (voxel axes)")
+    conventions = File(exists=True, desc="JSON: how the inputs were read, for the sidecars")
+    out_valid = File(exists=True, desc="mask of the voxels with finite field and magnitude")
 
 
 class PrepareFieldMap(SimpleInterface):
-    """Start from a total field map (Hz or rad/s) and its magnitude image(s), on one grid."""
+    """Start from a total field map (Hz or rad/s) and its magnitude image(s), on one grid.
+
+    As in :class:`PrepareEchoes`, NaN/Inf voxels take their finite neighbours' field and
+    magnitude, or none (out of the masks) in larger bad regions, and B0 comes from the
+    scanner qform.
+    """
 
     input_spec = _PrepareFieldMapInputSpec
     output_spec = _PrepareFieldMapOutputSpec
@@ -125,8 +202,11 @@ class PrepareFieldMap(SimpleInterface):
         field, img = load(self.inputs.fieldmap)
         _check_same_grid(field, img, self.inputs.fieldmap, ref_img, mags[0])
         field = field.reshape(field.shape[:3])
-        if not np.all(np.isfinite(field)):
-            raise ValueError(f"{os.path.basename(self.inputs.fieldmap)} has non-finite values")
+        name = os.path.basename(self.inputs.fieldmap)
+        fields = np.repeat(field[..., None], mag.shape[-1], axis=-1)
+        fields, mag, bad, filled = fill_non_finite(fields, mag, wrapped=False)
+        field = fields[..., 0]
+        _report_non_finite(bad, filled, name, "field or magnitude")
         if self.inputs.units == "rad/s":
             field = field / np.float32(2 * np.pi)
         cwd = runtime.cwd
@@ -134,7 +214,13 @@ class PrepareFieldMap(SimpleInterface):
         self._results["total_field"] = save_like(
             field, ref_img, os.path.join(cwd, "total_field_hz.nii.gz")
         )
-        self._results["side_info"] = _write_side_info(ref_img, cwd)
+        self._results["side_info"], b0_source = _write_side_info(ref_img, cwd, name)
+        self._results["out_valid"] = save_like(
+            ~bad, ref_img, os.path.join(cwd, "valid.nii.gz"), dtype=np.uint8
+        )
+        self._results["conventions"] = _write_conventions(
+            cwd, NonFiniteVoxels=int(bad.sum()), B0DirectionSource=b0_source
+        )
         return runtime
 
 
@@ -171,6 +257,7 @@ class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
     method = traits.Str(mandatory=True, desc="a name in qsmprep.qsm.masking.METHODS")
     quality = File(exists=True, desc="voxel quality in [0, 1] (for quality-based masking)")
+    valid = File(exists=True, desc="voxels with measured data; the others are left out")
     params = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="method parameters")
 
 
@@ -179,7 +266,8 @@ class _BrainMaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(SimpleInterface):
-    """Brain mask from the magnitude (and optionally a voxel-quality map)."""
+    """Brain mask from the magnitude (and optionally a voxel-quality map), without the
+    voxels whose magnitude is zero in every echo (no data there: see PrepareEchoes)."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
@@ -191,6 +279,9 @@ class BrainMask(SimpleInterface):
         quality = load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
         with stage(f"masking ({self.inputs.method})", runtime.cwd):
             mask = make_mask(mag, self.inputs.method, quality=quality, **self.inputs.params)
+        mask &= has_signal(mag)
+        if isdefined(self.inputs.valid):
+            mask &= load_mask(self.inputs.valid)
         if not mask.any():
             raise ValueError(f"the {self.inputs.method} brain mask is empty")
         self._results["out_mask"] = save_like(
@@ -209,16 +300,17 @@ class _UserMaskOutputSpec(TraitedSpec):
 
 
 class UserMask(SimpleInterface):
-    """Take the user's own mask, after checking that it lies on the run's grid."""
+    """Take the user's own mask, after checking that it lies on the run's grid; voxels
+    whose magnitude is zero in every echo (no data) are left out."""
 
     input_spec = _UserMaskInputSpec
     output_spec = _UserMaskOutputSpec
 
     def _run_interface(self, runtime):
         data, img = load(self.inputs.in_mask)
-        ref = load(self.inputs.reference)[1]
+        ref_data, ref = load(self.inputs.reference)
         _check_same_grid(data, img, self.inputs.in_mask, ref, self.inputs.reference)
-        mask = data.reshape(data.shape[:3]) > 0
+        mask = (data.reshape(data.shape[:3]) > 0) & has_signal(ref_data)
         if not mask.any():
             raise ValueError(f"mask {os.path.basename(self.inputs.in_mask)} is empty")
         self._results["out_mask"] = save_like(
@@ -244,6 +336,9 @@ class _FieldMapInputSpec(BaseInterfaceInputSpec):
 class _FieldMapOutputSpec(TraitedSpec):
     total_field = File(exists=True, desc="total field (Hz)")
     quality = File(desc="voxel quality in [0, 1], when the method gives one")
+    unwrapped_last = File(
+        exists=True, desc="unwrapped phase of the last echo (rad), for the report"
+    )
 
 
 class FieldMap(SimpleInterface):
@@ -296,6 +391,9 @@ class FieldMap(SimpleInterface):
         self._results["total_field"] = save_like(
             field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
         )
+        self._results["unwrapped_last"] = save_like(
+            unwrapped[..., -1], img, os.path.join(runtime.cwd, "unwrapped_last_echo.nii.gz")
+        )
         if quality is not None:
             self._results["quality"] = save_like(
                 quality, img, os.path.join(runtime.cwd, "quality.nii.gz")
@@ -307,12 +405,49 @@ def _as_4d(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
+class _FillFieldInputSpec(BaseInterfaceInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
+    valid = File(exists=True, mandatory=True, desc="voxels whose inputs were finite")
+
+
+class _FillFieldOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc="total field (Hz), interpolated where not valid")
+
+
+class FillField(SimpleInterface):
+    """Interpolate the total field (Hz) where the inputs were NaN or Inf.
+
+    The echo fit there rests on phase borrowed from the neighbours, which is poor where the
+    field changes fast; the field itself is smooth, so the mean of its valid neighbours
+    (:func:`~qsmprep.qsm.phase.fill_from_neighbours`) is far closer. Without such voxels
+    the field passes through unchanged.
+    """
+
+    input_spec = _FillFieldInputSpec
+    output_spec = _FillFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        valid = load_mask(self.inputs.valid)
+        if valid.all():
+            self._results["total_field"] = self.inputs.total_field
+            return runtime
+        from ..qsm.phase import fill_from_neighbours
+
+        field_hz, img = load(self.inputs.total_field)
+        filled = fill_from_neighbours(field_hz, valid)
+        self._results["total_field"] = save_like(
+            filled, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
+        )
+        return runtime
+
+
 class _FieldReliabilityInputSpec(BaseInterfaceInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     in_mag = File(exists=True, mandatory=True, desc="magnitude (X, Y, Z, E)")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     side_info = File(exists=True, mandatory=True, desc="side information JSON")
+    valid = File(exists=True, desc="voxels whose inputs were finite (the others get 0)")
 
 
 class _FieldReliabilityOutputSpec(TraitedSpec):
@@ -323,7 +458,8 @@ class _FieldReliabilityOutputSpec(TraitedSpec):
 class FieldReliability(SimpleInterface):
     """Data weights of the total field (:func:`qsmprep.qsm.phase.field_reliability`), and
     the mask without the unreliable voxels on its border (:func:`~qsmprep.qsm.masking.
-    peel_unreliable`)."""
+    peel_unreliable`). Voxels whose phase or magnitude was NaN or Inf (``valid``) carry an
+    interpolated field: weight 0."""
 
     input_spec = _FieldReliabilityInputSpec
     output_spec = _FieldReliabilityOutputSpec
@@ -340,6 +476,8 @@ class FieldReliability(SimpleInterface):
             weight = field_reliability(
                 field_hz, mag, self.inputs.echo_times, mask, side.voxel_size
             )
+            if isdefined(self.inputs.valid):
+                weight[~load_mask(self.inputs.valid)] = 0
             mask = peel_unreliable(mask, weight)
         if not mask.any():
             raise ValueError("no reliable voxel in the brain mask")

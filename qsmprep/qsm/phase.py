@@ -17,6 +17,8 @@ from .sideinfo import check_voxel_size
 MCPC_SIGMA_MM = 4.0
 #: Default rounds of MCPC-3D-S's correction of the echo-1-to-2 evolution's 2 pi multiples.
 MCPC_CORRECTIONS = 4
+#: The correction stops when it would change fewer than this share of the voxels.
+MCPC_SETTLED = 1e-4
 
 #: Slack on the radian range check (float rounding of stored +-pi).
 _RAD_TOL = 1e-2
@@ -28,50 +30,108 @@ class PhaseScalingError(ValueError):
 
 def wrap(phase: np.ndarray) -> np.ndarray:
     """Wrap angles (rad) into ``[-pi, pi)``."""
-    return (phase + np.pi) % (2 * np.pi) - np.pi
+    x = np.asarray(phase)
+    two_pi = x.dtype.type(2 * np.pi) if x.dtype.kind == "f" else 2 * np.pi
+    return x - two_pi * np.floor((x + two_pi / 2) / two_pi)  # floor: faster than a modulo
 
 
-def scale_phase(data: np.ndarray, units: str | None = None) -> tuple[np.ndarray, str]:
+#: Integer ranges that scanners store phase in: (lowest, highest value, radians per unit,
+#: name). Data are recognised as one of them only when they reach near both of its ends.
+INTEGER_PHASE_RANGES = (
+    (-4096, 4095, np.pi / 4096, "-4096..4095 (Siemens) scaled by pi/4096"),
+    (0, 4095, 2 * np.pi / 4096, "0..4095 (12-bit) scaled by 2pi/4096"),
+    (-2048, 2047, np.pi / 2048, "-2048..2047 (12-bit signed) scaled by pi/2048"),
+    (-3142, 3142, 1e-3, "-3142..3142 (milliradians) scaled by 1/1000"),
+    (0, 6283, 1e-3, "0..6283 (milliradians) scaled by 1/1000"),
+    (-32768, 32767, np.pi / 32768, "-32768..32767 (16-bit) scaled by pi/32768"),
+    (0, 65535, 2 * np.pi / 65536, "0..65535 (16-bit) scaled by 2pi/65536"),
+)
+
+#: How close (fraction of the range) the data must come to both ends of a range.
+RANGE_END_FRACTION = 0.05
+
+#: Sidecar ``Units`` that say how to read the phase: radians per stored unit.
+PHASE_UNITS = {
+    "rad": 1.0,
+    "radian": 1.0,
+    "radians": 1.0,
+    "mrad": 1e-3,
+    "milliradian": 1e-3,
+    "milliradians": 1e-3,
+    "deg": np.pi / 180,
+    "degree": np.pi / 180,
+    "degrees": np.pi / 180,
+}
+
+
+def scale_phase(
+    data: np.ndarray, units: str | None = None, scale: float | None = None
+) -> tuple[np.ndarray, str]:
     """Convert stored phase to radians in ``[-pi, pi)``; return it with how it was scaled.
 
-    - values already within ``[-pi, pi]`` or ``[0, 2 pi]`` are radians and pass through;
-    - integer-valued data (vendor ranges such as Siemens' -4096..4095) are scaled by
-      ``pi / 2^n`` (signed) or ``2 pi / 2^n`` (unsigned), with ``2^n`` the smallest power
-      of two that holds the largest magnitude. The range is never min/max-rescaled;
-    - anything else raises :class:`PhaseScalingError`.
+    - ``scale`` (radians per stored unit, e.g. ``pi / 4096``), when given, is used as is;
+    - values within ``[-pi, pi]`` or ``[0, 2 pi]`` are radians and pass through;
+    - ``units`` (the sidecar's ``Units``) ``"mrad"`` or ``"deg"`` give the scaling;
+    - integer-valued data must span one of :data:`INTEGER_PHASE_RANGES` (reach within 5 %
+      of both its ends, as wrapped phase does): Siemens' -4096..4095, milliradians
+      -3142..3142, ... The range is never min/max-rescaled;
+    - anything else raises :class:`PhaseScalingError`, which suggests ``--phase-scale``.
 
-    ``units`` is the sidecar's ``Units`` ("rad", "arbitrary", ...). ``"rad"`` with values
-    beyond 2 pi is an error rather than a guess.
+    Non-finite values are ignored when the range is detected and stay non-finite.
+    ``"rad"`` with values beyond 2 pi is an error rather than a guess.
     """
     x = np.asarray(data)
     finite = x[np.isfinite(x)]
     if finite.size == 0:
         raise PhaseScalingError("phase image has no finite values")
+    if scale is not None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise PhaseScalingError(f"phase scale must be a positive number, not {scale}")
+        return _wrap_scaled(x, scale), f"scaled by {scale:.6g} rad per unit (--phase-scale)"
     lo, hi = float(finite.min()), float(finite.max())
     if lo >= -np.pi - _RAD_TOL and hi <= np.pi + _RAD_TOL:
-        return wrap(x.astype(np.float32)), "radians [-pi, pi]"
+        return _wrap_scaled(x, 1.0), "radians [-pi, pi]"
     if lo >= -_RAD_TOL and hi <= 2 * np.pi + _RAD_TOL:
-        return wrap(x.astype(np.float32)), "radians [0, 2pi]"
-    if units is not None and units.lower() in ("rad", "radian", "radians"):
+        return _wrap_scaled(x, 1.0), "radians [0, 2pi]"
+    unit = PHASE_UNITS.get((units or "").strip().lower())
+    if unit == 1.0:
         raise PhaseScalingError(
-            f"phase is labelled in radians but spans {lo:g}..{hi:g}, beyond 2*pi"
+            f"phase is labelled in radians but spans {lo:g}..{hi:g}, beyond 2*pi; "
+            "pass --phase-scale (radians per stored unit) if the label is wrong"
         )
+    if unit is not None:
+        return _wrap_scaled(x, unit), f"Units {units!r}: scaled by {unit:.6g}"
     integer_valued = np.issubdtype(x.dtype, np.integer) or bool(
         np.all(np.abs(finite - np.round(finite)) < 1e-3)
     )
+    hint = (
+        "set the sidecar's Units (rad, mrad, deg) or pass --phase-scale with the radians per "
+        "stored unit (e.g. pi/4096)"
+    )
     if not integer_valued:
         raise PhaseScalingError(
-            f"phase spans {lo:g}..{hi:g}: neither radians nor an integer vendor range"
+            f"phase spans {lo:g}..{hi:g}: neither radians nor an integer vendor range; {hint}"
         )
-    if lo < 0:
-        n = int(np.ceil(np.log2(max(-lo, hi + 1))))
-        scale = np.pi / 2**n
-        how = f"integer range -{2**n}..{2**n - 1} scaled by pi/{2**n}"
-    else:
-        n = int(np.ceil(np.log2(hi + 1)))
-        scale = 2 * np.pi / 2**n
-        how = f"integer range 0..{2**n - 1} scaled by 2pi/{2**n}"
-    return wrap((x.astype(np.float64) * scale).astype(np.float32)), how
+    matches = [
+        (scale_, how)
+        for low, high, scale_, how in INTEGER_PHASE_RANGES
+        if low - 1 <= lo <= low + RANGE_END_FRACTION * (high - low)
+        and high - RANGE_END_FRACTION * (high - low) <= hi <= high + 1
+    ]
+    if len(matches) != 1:
+        known = ", ".join(f"{low}..{high}" for low, high, _, _ in INTEGER_PHASE_RANGES)
+        raise PhaseScalingError(
+            f"integer phase spans {lo:g}..{hi:g}, which is not one of the known ranges "
+            f"({known}) reached at both ends; {hint}"
+        )
+    scale_, how = matches[0]
+    return _wrap_scaled(x, scale_), f"integer range {how}"
+
+
+def _wrap_scaled(x: np.ndarray, scale: float) -> np.ndarray:
+    """``wrap(x * scale)`` as float32; non-finite values stay non-finite, silently."""
+    with np.errstate(invalid="ignore"):
+        return wrap((np.asarray(x, dtype=np.float64) * scale).astype(np.float32))
 
 
 def rad_to_hz(phase: np.ndarray, te: float) -> np.ndarray:
@@ -232,15 +292,81 @@ def mcpc3ds(
     raw, smoothed = offset_of(evolution)
     steps = np.arange(-2, 3, dtype=np.float32)
     for _ in range(corrections):
-        misfit = np.stack([np.abs(wrap(raw - 2 * np.pi * k * ratio - smoothed)) for k in steps])
+        residual = wrap(raw - smoothed)
+        misfit = np.stack([np.abs(wrap(residual - 2 * np.pi * k * ratio)) for k in steps])
         misfit += np.float32(1e-3) * np.abs(steps)[:, None, None, None]  # ties: smallest |k|
         k = np.where(good, steps[np.argmin(misfit, axis=0)], np.float32(0))
-        del misfit
-        if not k.any():
-            break
+        del misfit, residual
+        if np.count_nonzero(k) <= MCPC_SETTLED * np.count_nonzero(good):
+            break  # what is left flips with the noise
         evolution += np.float32(2 * np.pi) * k
         raw, smoothed = offset_of(evolution)
     return wrap(ph - smoothed[..., None])
+
+
+def fill_non_finite(
+    phase: np.ndarray, mag: np.ndarray, min_fraction: float = 0.5, wrapped: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Replace the voxels where multi-echo phase or magnitude is NaN or Inf.
+
+    A voxel that is non-finite in any echo of either image takes, in every echo, the mean
+    of its finite 3x3x3 neighbours (complex mean for wrapped phase, so wraps do not bias
+    it; plain mean with ``wrapped=False``) when at least ``min_fraction`` of the 26
+    neighbours are finite: scattered bad voxels
+    then carry their surroundings' data, not a spurious 0 rad. The others (bad regions)
+    get zero magnitude and phase: no signal.
+
+    ``phase`` (rad) and ``mag`` are ``(X, Y, Z)`` or ``(X, Y, Z, E)``. Returns float32 phase
+    and magnitude of that shape, the mask of the voxels that were non-finite, and the mask
+    of those that were filled.
+    """
+    ph = np.asarray(phase, dtype=np.float32)
+    mg = np.asarray(mag, dtype=np.float32)
+    if ph.shape != mg.shape:
+        raise ValueError(f"phase shape {ph.shape} does not match magnitude {mg.shape}")
+    shape = ph.shape
+    ph, mg = ph.reshape(*shape[:3], -1), mg.reshape(*shape[:3], -1)
+    bad = ~(np.isfinite(ph).all(axis=-1) & np.isfinite(mg).all(axis=-1))
+    if not bad.any():
+        return ph.reshape(shape), mg.reshape(shape), bad, np.zeros_like(bad)
+    good = ~bad
+    valid = ndimage.uniform_filter(good.astype(np.float32), 3, mode="constant") * 27
+    filled = bad & (valid >= min_fraction * 26)
+    ph, mg = ph.copy(), mg.copy()
+    ph[bad], mg[bad] = 0, 0
+    for e in range(ph.shape[-1]):
+        if wrapped:
+            z = mg[..., e] * np.exp(1j * ph[..., e])
+            re = ndimage.uniform_filter(z.real.astype(np.float32), 3, mode="constant")
+            im = ndimage.uniform_filter(z.imag.astype(np.float32), 3, mode="constant")
+            ph[..., e][filled] = np.arctan2(im[filled], re[filled])
+        else:
+            total = ndimage.uniform_filter(ph[..., e], 3, mode="constant") * 27
+            ph[..., e][filled] = total[filled] / valid[filled]
+        mean_mag = ndimage.uniform_filter(mg[..., e], 3, mode="constant") * 27
+        mg[..., e][filled] = mean_mag[filled] / valid[filled]
+    return ph.reshape(shape), mg.reshape(shape), bad, filled
+
+
+def fill_from_neighbours(values: np.ndarray, known: np.ndarray, passes: int = 3) -> np.ndarray:
+    """``values`` (3D) with its voxels outside ``known`` replaced by the mean of their known
+    3x3x3 neighbours, in up to ``passes`` growing passes (voxels still out of reach keep
+    their value). For smooth maps such as the total field (Hz), where an interpolation is
+    far closer than any value the missing data gave."""
+    out = np.array(values, dtype=np.float32)
+    known = np.asarray(known, dtype=bool).copy()
+    for _ in range(passes):
+        todo = ~known
+        if not todo.any():
+            break
+        weight = ndimage.uniform_filter(known.astype(np.float32), 3, mode="constant")
+        reach = todo & (weight > 0)
+        if not reach.any():
+            break
+        total = ndimage.uniform_filter(np.where(known, out, np.float32(0)), 3, mode="constant")
+        out[reach] = total[reach] / weight[reach]
+        known |= reach
+    return out
 
 
 #: Field-map outliers: a voxel whose total field is further than this share of the 2 pi
@@ -305,7 +431,23 @@ def field_reliability(
     inner = ndimage.binary_erosion(m)
     source = inner if inner.any() else m
     nearest = ndimage.distance_transform_edt(~source, return_distances=False, return_indices=True)
-    size = [max(3, int(round(window_mm / v)) // 2 * 2 + 1) for v in vs]
-    local = ndimage.median_filter(f[tuple(nearest)], size=size)
+    local = _coarse_median(f[tuple(nearest)], vs, window_mm)
     outlier = np.abs(f - local) > outlier_fraction / tes[0]
     return np.where(m & ~outlier, weight, np.float32(0)).astype(np.float32)
+
+
+def _coarse_median(x: np.ndarray, voxel_size: Sequence[float], window_mm: float) -> np.ndarray:
+    """Median over ``window_mm`` neighbourhoods, taken on a grid of about 2 mm (every
+    ``n``-th voxel of a finer grid) and repeated back: the cost of a median of
+    11^3 voxels at 1 mm (minutes) is not needed for a test against a smooth field."""
+    step = [max(1, int(2.0 // v)) for v in voxel_size]
+    coarse = x[tuple(slice(None, None, s) for s in step)]
+    size = [
+        max(3, int(round(window_mm / (v * s))) // 2 * 2 + 1)
+        for v, s in zip(voxel_size, step, strict=True)
+    ]
+    med = ndimage.median_filter(coarse, size=size, mode="nearest")
+    for axis, s in enumerate(step):  # back to the fine grid: each sample fills its block
+        med = np.repeat(med, s, axis=axis)
+    pad = [(0, max(0, n - m)) for n, m in zip(x.shape, med.shape, strict=True)]
+    return np.pad(med, pad, mode="edge")[: x.shape[0], : x.shape[1], : x.shape[2]]

@@ -232,7 +232,10 @@ def _mni_maps() -> dict[str, np.ndarray]:
     importing ``nilearn.datasets`` costs seconds (scikit-learn)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("nilearn is not installed; the head phantom needs its MNI152 maps")
+        raise ValueError(
+            "nilearn is not installed; the head phantom needs its MNI152 maps "
+            "(pip install 'qsmprep[sim]')"
+        )
     data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
     sl = tuple(slice(o, o + n) for o, n in zip(_MNI_OFFSET, NATIVE_GRID.shape, strict=True))
     out = {}

@@ -6,15 +6,20 @@ import importlib
 import inspect
 import logging
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..bids import MEGRERun, bids_uri, field_strength
-from ..interfaces.bids import DerivativesSink
+from ..bids import MEGRERun, bids_uri
+from ..conventions import phase_sign as run_phase_sign
+from ..conventions import ppm_field_strength
+from ..interfaces.bids import CommitRun, DerivativesSink
+from .boilerplate import REPORT_POSTDESC, LiterateWorkflow, participant_desc
 from .qsm import QUALITY_UNWRAPPING, init_qsm_wf
 
 logger = logging.getLogger("qsmprep")
@@ -26,6 +31,26 @@ STAGE_MODULES = {
     "bf_removal": "qsmprep.qsm.bgremove",
     "inversion": "qsmprep.qsm.inversion",
 }
+
+#: Folder of OUTPUT_DIR under which runs stage their outputs until all are written.
+STAGE_DIRNAME = ".qsmprep-staging"
+
+#: What follows ``<prefix>_`` in the name of every file a run may write: a new set of a
+#: run's outputs replaces all of its earlier files that match.
+RUN_OUTPUT_TAILS = (
+    r"(Chimap|desc-brain_mask|totalfield|localfield|desc-[A-Za-z0-9]+_quality"
+    r"|desc-[A-Za-z0-9]+_reliability"
+    r"|R2starmap|T2starmap|swi|minIP)\.(nii\.gz|json)"
+)
+
+
+def run_outputs_pattern(anat_dir: str, prefix: str) -> str:
+    """Regular expression (for ``re.fullmatch``) of the paths, relative to OUTPUT_DIR, of
+    every file the run ``prefix`` may have written in ``anat_dir``: those its next set
+    replaces. Another run's files never match, even when its prefix extends this one
+    (``sub-01`` and ``sub-01_inv-1``): a tail follows the prefix directly."""
+    return re.escape(f"{anat_dir}/{prefix}_") + RUN_OUTPUT_TAILS
+
 
 #: Arguments of the stage functions that are data, not parameters.
 _DATA_ARGS = {
@@ -69,6 +94,11 @@ def _node_name(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_")
 
 
+def qsm_workflow_name(prefix: str) -> str:
+    """Name of the :func:`init_qsm_wf` of the run ``prefix`` inside the participant workflow."""
+    return f"qsm_{_node_name(prefix)}_wf"
+
+
 def init_participant_wf(
     subject: str,
     runs: Sequence[MEGRERun],
@@ -90,11 +120,20 @@ def init_participant_wf(
     refine: str = "none",
     refine_steps: int | None = None,
     fallback_field_strength: float | None = None,
+    phase_sign: str = "auto",
+    phase_scale: float | None = None,
     omp_nthreads: int = 1,
     max_mem_gb: float | None = None,
+    stage_dir: Path | None = None,
+    reportlets: bool = True,
     name: str | None = None,
 ) -> pe.Workflow:
     """One participant: a :func:`init_qsm_wf` per run, feeding the derivatives sinks.
+
+    Each run's outputs are written to ``stage_dir`` (default: a new folder under
+    ``output_dir/.qsmprep-staging``) and moved into ``output_dir`` together, replacing the
+    run's earlier outputs, only once all of them are written (:class:`CommitRun`): a run
+    that fails leaves ``output_dir`` as it was. The caller removes ``stage_dir`` afterwards.
 
     ``runs`` come from :func:`qsmprep.bids.collect_runs` (or ``collect_fieldmap_runs``
     for ``input_type="fieldmap"``). ``masks`` maps each run's prefix to the user's mask
@@ -104,12 +143,21 @@ def init_participant_wf(
     record joins the chi map's sidecar.
     ``fallback_field_strength`` (T) is used for runs whose sidecars lack
     ``MagneticFieldStrength``; without it such a run raises
-    :class:`~qsmprep.bids.BIDSError` here, before anything runs. ``max_mem_gb`` caps
+    :class:`~qsmprep.bids.BIDSError` here, before anything runs. ppm are relative to the
+    sidecar's ``ImagingFrequency`` when it has one
+    (:func:`~qsmprep.conventions.ppm_field_strength`). ``phase_sign`` (``auto``, ``+1``,
+    ``-1``; :func:`~qsmprep.conventions.phase_sign`) and ``phase_scale`` (radians per stored
+    unit, ``None``: detected) say how to read the phase. The sign, the scaling and the
+    field strength used are recorded in the sidecars. ``max_mem_gb`` caps
     each node's memory estimate (nipype's scheduler would refuse a larger one).
+    ``reportlets`` adds, per run, the report's phase figure (it needs intermediates), which
+    is staged and committed with the run's outputs into ``output_dir/sub-X/figures/``.
     """
     if not runs:
         raise ValueError(f"no multi-echo GRE run for sub-{subject}")
-    wf = pe.Workflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf = LiterateWorkflow(name=name or f"sub_{_node_name(subject)}_wf")
+    wf.__desc__ = participant_desc()
+    wf.__postdesc__ = REPORT_POSTDESC
     records = {
         "unwrapping": method_record("unwrapping", unwrapping),
         "masking": method_record("masking", masking),
@@ -134,8 +182,11 @@ def init_participant_wf(
         except ModelLoadError:
             pass  # the inversion node fails with the reason
     with_quality = input_type == "phase" and unwrapping in QUALITY_UNWRAPPING
+    if stage_dir is None:
+        stage_dir = Path(output_dir) / STAGE_DIRNAME / f"sub-{subject}-{uuid.uuid4().hex[:8]}"
     for run in runs:
-        b0 = field_strength(run, fallback_field_strength)
+        b0, ppm_record = ppm_field_strength(run, fallback_field_strength)
+        nominal = run.field_strength or fallback_field_strength or b0
         run_r2star = r2star if len(run.echo_times) > 1 else None
         if r2star and run_r2star is None:
             logger.warning("%s: one echo, no R2*/T2* map", run.prefix)
@@ -161,7 +212,7 @@ def init_participant_wf(
             refine_steps=refine_steps,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
-            name=f"qsm_{_node_name(run.prefix)}_wf",
+            name=qsm_workflow_name(run.prefix),
         )
         inputs = qsm_wf.get_node("inputnode").inputs
         inputs.mag_files = list(run.mag_files)
@@ -173,25 +224,59 @@ def init_participant_wf(
             inputs.phase_files = list(run.phase_files)
             inputs.echo_times = list(run.echo_times)
             inputs.phase_units = run.phase_units
+            sign, sign_source = run_phase_sign(run, phase_sign)
+            inputs.phase_sign = sign
+            inputs.phase_scale = phase_scale
+            phase_record = {"PhaseSign": sign, "PhaseSignSource": sign_source}
+            if input_type == "phase" and len(run.echo_times) == 1:
+                logger.warning(
+                    "%s: one echo: its phase offset cannot be separated from the field, so "
+                    "chi is wrong unless the phase has no offset; give offset-free phase "
+                    "with --input-type unwrapped, or acquire a second echo",
+                    run.prefix,
+                )
         if masks is not None:
             inputs.mask_file = masks[run.prefix]
 
         applied = mcpc3ds and input_type == "phase" and len(run.echo_times) > 1
-        outputs = _outputs(run, bids_dir, b0, records, applied)
+        outputs = _outputs(run, bids_dir, nominal, records, applied)
+        for _, _, meta, _ in outputs:
+            if meta.get("Units") == "ppm":
+                meta["PpmConversion"] = ppm_record
+            if run.fieldmap_file is None and "Unwrapping" in meta:
+                meta.update(phase_record)
         if with_quality:
             outputs.append(_quality_output(run, bids_dir, unwrapping))
         if run_r2star:
             outputs += _relaxometry_outputs(run, bids_dir, run_r2star)
         if swi:
             outputs += _swi_outputs(run, bids_dir)
-        for field, out_name, meta, with_side in outputs:
+        node = _node_name(run.prefix)
+        with_reportlet = reportlets and run.fieldmap_file is None
+        merge = pe.Node(
+            niu.Merge(2 * len(outputs) + 2 * with_reportlet),
+            name=f"ds_{node}_files",
+            run_without_submitting=True,
+        )
+        commit = pe.Node(
+            CommitRun(
+                stage_dir=str(stage_dir),
+                output_dir=str(output_dir),
+                replaces=run_outputs_pattern(run.anat_dir, run.prefix),
+            ),
+            name=f"ds_{node}_commit",
+            run_without_submitting=True,
+            overwrite=True,
+        )
+        wf.connect(merge, "out", commit, "in_files")
+        for i, (field, out_name, meta, with_side) in enumerate(outputs):
             sink = pe.Node(
                 DerivativesSink(
-                    base_directory=str(output_dir),
+                    base_directory=str(stage_dir),
                     out_path=f"{run.anat_dir}/{out_name}",
                     metadata=meta,
                 ),
-                name=f"ds_{_node_name(run.prefix)}_{field}",
+                name=f"ds_{node}_{field}",
                 run_without_submitting=True,
                 overwrite=True,  # always write: the output folder may have been cleaned
             )
@@ -200,7 +285,41 @@ def init_participant_wf(
                 wf.connect(qsm_wf, "outputnode.inversion_record", sink, "metadata_file")
             if with_side:
                 wf.connect(qsm_wf, "outputnode.side_info", sink, "side_info")
+            if field in ("chi_map", "total_field", "local_field"):
+                wf.connect(qsm_wf, "outputnode.conventions", sink, "extra_meta")
+            wf.connect([(sink, merge, [("out_file", f"in{2 * i + 1}"),
+                                       ("out_meta", f"in{2 * i + 2}")])])  # fmt: skip
+        if with_reportlet:
+            reportlet = _phase_reportlet(wf, qsm_wf, run, stage_dir, outputs, applied)
+            n = 2 * len(outputs)
+            wf.connect([(reportlet, merge, [("out_file", f"in{n + 1}"),
+                                            ("out_json", f"in{n + 2}")])])  # fmt: skip
     return wf
+
+
+def _phase_reportlet(wf, qsm_wf, run: MEGRERun, stage_dir: Path, outputs, mcpc3ds: bool):
+    """The report's figure of the last echo's phase before and after unwrapping, staged in
+    ``stage_dir`` like the run's outputs (it lands in ``sub-X/figures/`` with them)."""
+    from ..reports.outputs import OUTPUT_SUFFIXES, figure_path
+    from ..reports.reportlets import PhaseReportlet
+
+    chi_name = next(out_name for field, out_name, *_ in outputs if field == "chi_map")
+    stem = chi_name.removesuffix(f"_{OUTPUT_SUFFIXES['chi_map']}.nii.gz")
+    node = pe.Node(
+        PhaseReportlet(
+            echo_index=-1,
+            echo_times=list(run.echo_times),
+            offset_removed=mcpc3ds,
+            out_file=str(figure_path(stage_dir, run.subject, stem, "phase")),
+        ),
+        name=f"report_{_node_name(run.prefix)}_phase",
+        mem_gb=0.5,
+    )
+    wf.connect([(qsm_wf, node, [("outputnode.phase", "in_phase"),
+                                ("outputnode.unwrapped_last", "unwrapped"),
+                                ("outputnode.mask", "mask"),
+                                ("outputnode.phase_scaling", "phase_scaling")])])  # fmt: skip
+    return node
 
 
 def check_arlo(run: MEGRERun) -> None:
@@ -286,9 +405,12 @@ def _outputs(run: MEGRERun, bids_dir: Path, b0: float, records: dict, mcpc3ds: b
         field_model = {"Unwrapping": records["unwrapping"]}
         if mcpc3ds:
             field_model["PhaseOffsetRemoval"] = "MCPC-3D-S"
-        combination = "magnitude-weighted least-squares fit of the phase over echo time"
-        if len(run.echo_times) > 1:
-            combination += ", with a phase-offset term"
+        combination = (
+            "magnitude-weighted least-squares fit of the phase over echo time, with a "
+            "phase-offset term"
+            if len(run.echo_times) > 1
+            else "one echo: phase / (2 pi TE); its phase offset cannot be separated"
+        )
         field_model.update(
             EchoCombination=combination,
             MagneticFieldStrength=b0,

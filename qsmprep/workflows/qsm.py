@@ -16,11 +16,13 @@ from ..interfaces.qsm import (
     DipoleInversion,
     FieldMap,
     FieldReliability,
+    FillField,
     PrepareEchoes,
     PrepareFieldMap,
     Relaxometry,
     UserMask,
 )
+from .boilerplate import LiterateWorkflow, qsm_desc
 
 #: Default algorithm of each stage, the one place where they are set (the CLI and
 #: :mod:`qsmprep.config` take them from here). Chosen by ``benchmarks/bench_external.py``
@@ -204,6 +206,11 @@ def init_qsm_wf(
         B0 (T).
     phase_units : str, optional
         The phase sidecar's ``Units`` (``"rad"``, ``"arbitrary"``), if known.
+    phase_sign : int, optional
+        +1 (default) or -1: the factor applied to the phase (-1 for GE's left-handed phase).
+    phase_scale : float, optional
+        Radians per stored unit of the phase, when it is neither radians nor a known
+        integer range (default: detected).
     mask_file : str
         ``user_mask`` only: the mask (non-zero inside), on the run's grid.
     fieldmap_file : str
@@ -223,12 +230,20 @@ def init_qsm_wf(
         Local field (ppm).
     side_info : str
         JSON with ``VoxelSize`` (mm) and ``B0Direction`` (unit vector, voxel axes).
+    conventions : str
+        JSON of how the inputs were read: ``PhaseScaling``, ``PhaseSign`` (phase inputs),
+        ``NonFiniteVoxels`` (NaN/Inf in the inputs: the field there is interpolated, and
+        they are left out of the reliable mask), ``B0DirectionSource``.
     quality : str
         Voxel quality of the unwrapping in [0, 1] (``romeo`` only; otherwise undefined).
     r2star, t2star : str
         R2* (1/s) and T2* (s), with ``r2star``.
     swi, minip : str
         SWI and its minIP (the magnitude's scale), with ``swi``.
+    phase, unwrapped_last, phase_scaling : str
+        For the report (not with ``input_type="fieldmap"``): the phase as read (rad,
+        ``(X, Y, Z, E)``, after ``phase_sign`` and the NaN/Inf filling), the unwrapped phase
+        of the last echo, and how the stored phase was scaled to radians.
     reliability : str
         Data weights of the total field in [0, 1] (not with ``input_type="fieldmap"``).
     inversion_record : str
@@ -246,7 +261,20 @@ def init_qsm_wf(
         swi=swi,
         refine=refine,
     )
-    wf = pe.Workflow(name=name)
+    wf = LiterateWorkflow(name=name)
+    wf.__desc__ = qsm_desc(
+        unwrapping=unwrapping,
+        bf_removal=bf_removal,
+        inversion=inversion,
+        masking=masking,
+        input_type=input_type,
+        mcpc3ds=mcpc3ds,
+        two_pass=two_pass,
+        user_mask=user_mask,
+        r2star=r2star,
+        swi=swi,
+        refine=refine,
+    )
     inputnode = pe.Node(
         niu.IdentityInterface(
             fields=[
@@ -255,6 +283,8 @@ def init_qsm_wf(
                 "echo_times",
                 "field_strength",
                 "phase_units",
+                "phase_sign",
+                "phase_scale",
                 "mask_file",
                 "fieldmap_file",
                 "fieldmap_units",
@@ -263,6 +293,8 @@ def init_qsm_wf(
         name="inputnode",
     )
     inputnode.inputs.phase_units = None
+    inputnode.inputs.phase_sign = 1
+    inputnode.inputs.phase_scale = None
     inputnode.inputs.fieldmap_units = "Hz"
     outputnode = pe.Node(
         niu.IdentityInterface(
@@ -272,11 +304,15 @@ def init_qsm_wf(
                 "total_field",
                 "local_field",
                 "side_info",
+                "conventions",
                 "quality",
                 "r2star",
                 "t2star",
                 "swi",
                 "minip",
+                "phase",
+                "unwrapped_last",
+                "phase_scaling",
                 "reliability",
                 "inversion_record",
             ]
@@ -314,7 +350,8 @@ def init_qsm_wf(
                                ("fieldmap_file", "fieldmap"),
                                ("fieldmap_units", "units")]),
             (prep, bgremove, [("total_field", "total_field")]),
-            (prep, outputnode, [("total_field", "total_field")]),
+            (prep, outputnode, [("total_field", "total_field"),
+                                ("conventions", "conventions")]),
         ])
         # fmt: on
         fieldmap = None
@@ -333,19 +370,29 @@ def init_qsm_wf(
             name="field_map",
             **heavy,
         )
+        # where the inputs were NaN/Inf, the field of the neighbours (a no-op otherwise)
+        fill = pe.Node(FillField(), name="fill_field", mem_gb=LIGHT_MEM_GB)
         # fmt: off
         wf.connect([
             (inputnode, prep, [("mag_files", "mag_files"),
                                ("phase_files", "phase_files"),
                                ("echo_times", "echo_times"),
-                               ("phase_units", "phase_units")]),
+                               ("phase_units", "phase_units"),
+                               ("phase_sign", "phase_sign"),
+                               ("phase_scale", "phase_scale")]),
+            (prep, outputnode, [("conventions", "conventions"),
+                                ("out_phase", "phase"),
+                                ("phase_scaling", "phase_scaling")]),
             (inputnode, fieldmap, [("echo_times", "echo_times")]),
             (prep, fieldmap, [("out_mag", "in_mag"),
                               ("out_phase", "in_phase"),
                               ("side_info", "side_info")]),
-            (fieldmap, bgremove, [("total_field", "total_field")]),
-            (fieldmap, outputnode, [("total_field", "total_field"),
-                                    ("quality", "quality")]),
+            (fieldmap, fill, [("total_field", "total_field")]),
+            (prep, fill, [("out_valid", "valid")]),
+            (fill, bgremove, [("total_field", "total_field")]),
+            (fill, outputnode, [("total_field", "total_field")]),
+            (fieldmap, outputnode, [("quality", "quality"),
+                                    ("unwrapped_last", "unwrapped_last")]),
         ])
         # fmt: on
 
@@ -368,18 +415,19 @@ def init_qsm_wf(
             name="reliable_mask",
             mem_gb=LIGHT_MEM_GB,
         )
-        wf.connect([(prep, reliable, [("out_mag", "in_mag")]),
+        wf.connect([(prep, reliable, [("out_mag", "in_mag"), ("out_valid", "valid")]),
                     (reliable, invert, [("out_mask", "reliable_mask")])])  # fmt: skip
         if uses_quality:
             wf.connect([(fieldmap, reliable, [("quality", "quality")])])
 
     if fieldmap is not None:
-        # data weights of the total field: noise of the echo fit and outliers
+        # data weights of the total field: noise of the echo fit, outliers, NaN/Inf inputs
         reliability = pe.Node(FieldReliability(), name="field_reliability", mem_gb=LIGHT_MEM_GB)
         # fmt: off
         wf.connect([
-            (fieldmap, reliability, [("total_field", "total_field")]),
-            (prep, reliability, [("out_mag", "in_mag"), ("side_info", "side_info")]),
+            (fill, reliability, [("total_field", "total_field")]),
+            (prep, reliability, [("out_mag", "in_mag"), ("side_info", "side_info"),
+                                 ("out_valid", "valid")]),
             (inputnode, reliability, [("echo_times", "echo_times")]),
             (brainmask, reliability, [("out_mask", "mask")]),
             (reliability, bgremove, [("reliability", "weight"), ("out_mask", "mask")]),
@@ -408,7 +456,7 @@ def init_qsm_wf(
         # fmt: off
         wf.connect([
             (prep, swi_node, [("out_mag", "in_mag"), ("side_info", "side_info")]),
-            (fieldmap, swi_node, [("total_field", "total_field")]),
+            (fill, swi_node, [("total_field", "total_field")]),
             (inputnode, swi_node, [("echo_times", "echo_times")]),
             (brainmask, swi_node, [("out_mask", "mask")]),
             (swi_node, outputnode, [("swi", "swi"), ("minip", "minip")]),
