@@ -5,7 +5,7 @@ ablation of the adaptive layer.
     python benchmarks/bench_external_dl.py [--data bench-external] [--out bench-external-dl]
         [--cases axial oblique aniso 7t cylinders] [--stages truth phase ablation]
         [--methods tkd rts tv unet finetune dip] [--refine-steps N] [--threads 2]
-        [--plain MODEL] [--json FILE]
+        [--plain MODEL] [--peer] [--json FILE]
 
 The heads are ``bench_external.py``'s (``--data``: its ``--out`` folder; missing cases are
 simulated there): anatomy built from nilearn's ICBM152 maps with that script's own warps
@@ -25,6 +25,11 @@ out counts as 0), both maps demeaned. Stages:
   right kernel), with that vector everywhere, and with B0 negated (the same physics); and
   ``--plain MODEL``, a plain U-Net of the same size, when one is given.
 
+The QSM.rs peer is not run again: with ``--peer``, the outputs that ``bench_external.py``
+left in the case folders (``peer-inversion-{tv,rts}``, ``peer-pipeline``) are scored in
+the same way and listed beside qsmprep's (same heads, same truth; their times are not
+re-measured).
+
 Writes into ``--out`` only. Prints markdown tables; ``--json`` also writes every number.
 """
 
@@ -42,7 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_external import ACCURACY_CASES, case_folder, pivot, score, table, truth_of
+from bench_external import ACCURACY_CASES, PEER_NAME, case_folder, pivot, score, table, truth_of
 
 #: Methods by name: the classical inversions, the bundled U-Net alone, and its refinements.
 METHODS = ("tkd", "rts", "tv", "unet", "finetune", "dip")
@@ -101,6 +106,20 @@ def invert_truth(method: str, truth: dict, folder: Path, threads: int, steps: in
     else:
         chi = invert(local, mask, truth["voxel_size"], truth["b0_dir"], method)
     return reference(chi, mask), record
+
+
+def peer_rows(name: str, folder: Path, truth: dict, runs: dict[str, str]) -> list[dict]:
+    """Scores of the peer's outputs that ``bench_external.py`` left in ``folder``
+    (``runs``: sub-folder -> label); folders it has not written are skipped."""
+    import nibabel as nib
+
+    rows = []
+    for sub, label in runs.items():
+        path = folder / sub / "Chimap.nii"
+        if path.is_file():
+            chi = np.asarray(nib.load(path).dataobj, np.float32)
+            rows.append({"case": name, "method": label, **score(chi, truth)})
+    return rows
 
 
 def stage_truth(name, folder, truth, methods, threads, steps) -> list[dict]:
@@ -230,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--plain", type=Path, default=None, help="a plain U-Net for the ablation")
     p.add_argument("--ablation-cases", nargs="+", default=list(ABLATION_CASES))
+    p.add_argument(
+        "--peer", action="store_true", help="score the peer's outputs cached in the cases"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)  # fmt: skip
     results: dict[str, list] = {s: [] for s in args.stages}
@@ -244,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             results["truth"] += stage_truth(
                 name, folder, truth, args.methods, args.threads, args.refine_steps
             )
+            if args.peer:
+                runs = {f"peer-inversion-{m}": f"QSM.rs {m}" for m in ("tv", "rts")}
+                results["truth"] += peer_rows(name, folder, truth, runs)
         if "phase" in args.stages:
             results["phase"] += stage_phase(
                 name, folder, truth, args.methods, out, args.threads, args.refine_steps
             )
+            if args.peer:
+                results["phase"] += peer_rows(name, folder, truth, {"peer-pipeline": PEER_NAME})
         if "ablation" in args.stages and name in args.ablation_cases:
             results["ablation"] += stage_ablation(name, truth, args.threads, args.plain)
     keys = ["nrmse", "hfen", "xsim", "nrmse_dgm", "time_s", "steps"]
