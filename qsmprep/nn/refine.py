@@ -75,7 +75,7 @@ DIP_INPUTS = ("noise", "field", "tkd")
 DEFAULT_TE_S = 0.02
 DEFAULT_B0_T = 3.0
 
-#: Per-method defaults (chosen on qsmprep's own 2 mm head phantom, docs/benchmarks.md).
+#: Per-method defaults (measured on the external heads in docs/benchmarks.md, not tuned).
 FINETUNE_DEFAULTS = {
     "steps": 80,
     "lr": 3e-4,
