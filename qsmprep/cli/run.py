@@ -29,6 +29,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bids-validation",
         action="store_true",
         default=None,
-        help="do not check the input with bids-validator-deno",
+        help="do not check the input with bids-validator-deno (which checks only the "
+        "selected participants' runs and the dataset's own files)",
     )
     g.add_argument(
         "--megre-suffix",
@@ -413,8 +415,12 @@ def _short_crash_report(record: logging.LogRecord) -> bool:
     return True
 
 
-def validate_bids(bids_dir: Path) -> list[str]:
-    """Run ``bids-validator-deno`` on ``bids_dir`` offline; return its error messages."""
+def validate_bids(bids_dir: Path, scope: Container[str] | None = None) -> list[str]:
+    """Run ``bids-validator-deno`` on ``bids_dir`` offline; return its error messages.
+
+    With a ``scope`` (e.g. a :class:`~qsmprep.bids.SelectionScope`), only the errors about
+    files in it (paths relative to the dataset) or about no file count; the others are
+    counted in the log."""
     exe = Path(sys.executable).with_name("bids-validator-deno")
     exe = str(exe) if exe.exists() else shutil.which("bids-validator-deno")
     if exe is None:
@@ -431,13 +437,19 @@ def validate_bids(bids_dir: Path) -> list[str]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return [f"bids-validator-deno failed (exit {proc.returncode}): {tail[0]}"]
     issues = report.get("issues", {}).get("issues", [])
-    errors = []
+    errors, ignored = [], 0
     for issue in issues:
         if issue.get("severity") != "error":
+            continue
+        if scope is not None and issue.get("location") and issue["location"] not in scope:
+            ignored += 1
             continue
         code = issue.get("code", "ERROR")
         sub = f" ({issue['subCode']})" if issue.get("subCode") else ""
         errors.append(f"{code}{sub}: {issue.get('location', '')}")
+    if ignored:
+        logger.info("bids-validator-deno: %d error(s) in files outside the selection ignored",
+                    ignored)  # fmt: skip
     return errors
 
 
@@ -827,6 +839,7 @@ def _main(argv: list[str] | None, session: _Session) -> int:
 
     from ..bids import (
         BIDSError,
+        SelectionScope,
         check_filters,
         collect_fieldmap_runs,
         collect_runs,
@@ -836,19 +849,6 @@ def _main(argv: list[str] | None, session: _Session) -> int:
     from ..workflows.base import STAGE_DIRNAME
 
     collect = collect_fieldmap_runs if cfg.workflow.input_type == "fieldmap" else collect_runs
-
-    if not ex.skip_bids_validation:
-        logger.info("validating %s with bids-validator-deno", ex.bids_dir)
-        errors = validate_bids(ex.bids_dir)
-        if errors:
-            print(f"qsmprep: {ex.bids_dir} is not valid BIDS ({len(errors)} error(s)):",
-                  file=sys.stderr)  # fmt: skip
-            for err in errors[:MAX_LISTED_ISSUES]:
-                print(f"  {err}", file=sys.stderr)
-            if len(errors) > MAX_LISTED_ISSUES:
-                print(f"  ... and {len(errors) - MAX_LISTED_ISSUES} more", file=sys.stderr)
-            print("Fix the dataset or pass --skip-bids-validation.", file=sys.stderr)
-            return EXIT_INVALID
 
     try:
         layout = load_layout(ex.bids_dir)
@@ -882,6 +882,26 @@ def _main(argv: list[str] | None, session: _Session) -> int:
             selected[subject] = runs
         else:
             logger.warning("sub-%s: no multi-echo GRE run selected; skipped", subject)
+    if not ex.skip_bids_validation:
+        # only the selection counts: a broken participant that was not selected (or a run
+        # that the filters leave out) must not block the others
+        scope = SelectionScope.of(
+            ex.bids_dir,
+            [run for runs in selected.values() for run in runs],
+            ex.session_label,
+            whole=list(failures),
+        )
+        logger.info("validating %s with bids-validator-deno (the selection)", ex.bids_dir)
+        errors = validate_bids(ex.bids_dir, scope)
+        if errors:
+            print(f"qsmprep: {ex.bids_dir} is not valid BIDS ({len(errors)} error(s)):",
+                  file=sys.stderr)  # fmt: skip
+            for err in errors[:MAX_LISTED_ISSUES]:
+                print(f"  {err}", file=sys.stderr)
+            if len(errors) > MAX_LISTED_ISSUES:
+                print(f"  ... and {len(errors) - MAX_LISTED_ISSUES} more", file=sys.stderr)
+            print("Fix the dataset or pass --skip-bids-validation.", file=sys.stderr)
+            return EXIT_INVALID
     if not selected and not failures:
         suffixes = ex.bids_filters.get("suffix", SUFFIXES)
         suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
