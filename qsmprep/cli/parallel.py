@@ -1,0 +1,149 @@
+"""Participants in parallel, each in its own process, within ``--nprocs`` and ``--mem``.
+
+:func:`plan` decides how many participants run at once and what each gets (processes and
+threads for its nipype graph, memory); :class:`ParticipantPool` runs them. Each
+participant's process is forked from the main one and does all of a participant's work
+(:func:`qsmprep.cli.run._participant_main`): its log folder, its workflow with its own
+worker processes, the commit of each run's outputs, its report. So one participant's
+failure, or its process dying, never touches another's outputs, and each log holds only
+its participant's messages. On SIGINT or SIGTERM the main process passes the signal on to
+the participants' processes, which stop their own workers, discard their staged outputs
+and record the interruption in their logs and reports; those still running after a
+grace period (or a further signal) are killed, so that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from .interrupt import Interrupted, stop_processes
+
+#: Share of the physical memory that the participants may use without ``--mem`` (nipype's
+#: MultiProc default).
+MEMORY_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How participants run: ``parallel`` at once, each with ``nprocs`` processes,
+    ``threads`` threads per process and ``mem_gb`` of memory (``None``: no limit)."""
+
+    parallel: int
+    nprocs: int
+    threads: int
+    mem_gb: float | None
+
+
+def available_memory_gb() -> float:
+    """:data:`MEMORY_SHARE` of the physical memory, in GB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):  # pragma: no cover - not POSIX
+        return float("inf")
+    return MEMORY_SHARE * total / 1e9
+
+
+def plan(
+    n_participants: int,
+    nprocs: int,
+    threads: int,
+    mem_gb: float | None,
+    peak_gb: float,
+    *,
+    allowed: bool = True,
+) -> Plan:
+    """Participants at once: as many as there are participants, processes (one each at
+    least) and times the heaviest participant's peak memory ``peak_gb`` fits in ``mem_gb``
+    (default :func:`available_memory_gb`); each gets an equal share of the processes, at
+    most its share of threads, and an equal share of the memory. ``allowed=False`` (a
+    nipype plugin file, a GPU) keeps one participant at a time with all resources."""
+    if not allowed or n_participants < 2 or nprocs < 2:
+        return Plan(1, nprocs, threads, mem_gb)
+    total = available_memory_gb() if mem_gb is None else mem_gb
+    by_memory = int(total // max(peak_gb, 1e-3))
+    parallel = max(1, min(n_participants, nprocs, by_memory))
+    if parallel == 1:
+        return Plan(1, nprocs, threads, mem_gb)
+    share = nprocs // parallel
+    mem_share = None if total == float("inf") else round(total / parallel, 3)
+    return Plan(parallel, share, min(threads, share), mem_share)
+
+
+def _child(target: Callable[[str], list[str]], subject: str, conn) -> None:
+    """A participant's process: run ``target(subject)`` and send its failure lines back."""
+    try:
+        lines = target(subject)
+        conn.send(lines)
+    finally:
+        conn.close()
+        sys.stderr.flush()
+
+
+def _ended(exitcode: int | None) -> str:
+    """Why a participant's process ended without sending its result."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (out of memory?)" if exitcode == -signal.SIGKILL else ""
+        return f"its process was killed by {name}{hint}; its outputs of this attempt are discarded"
+    return f"its process ended without a result (exit code {exitcode})"
+
+
+class ParticipantPool:
+    """Run ``target(subject)`` for each participant in its own forked process, ``parallel``
+    at a time, in the order given; ``target`` returns the participant's failure lines."""
+
+    def __init__(self, target: Callable[[str], list[str]], parallel: int):
+        self.target = target
+        self.parallel = parallel
+        #: Participants whose process was running when the pool was stopped.
+        self.stopped: list[str] = []
+
+    def run(
+        self, subjects: Sequence[str], stop_on_first_failure: bool = False
+    ) -> tuple[dict[str, list[str]], list[str]]:
+        """Process ``subjects``; return each started participant's failure lines (empty:
+        success) and the participants not started: after a failure, when
+        ``stop_on_first_failure``, no participant starts (those running finish).
+
+        On an interruption (or any error), the running participants are stopped with the
+        same signal (SIGTERM for an error) before the exception goes on."""
+        ctx = multiprocessing.get_context("fork")  # the participants share the parsed input
+        pending = list(subjects)
+        running: dict = {}  # result connection -> (subject, process)
+        results: dict[str, list[str]] = {}
+        stopping = False
+        try:
+            while running or (pending and not stopping):
+                while pending and not stopping and len(running) < self.parallel:
+                    subject = pending.pop(0)
+                    receive, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(
+                        target=_child,
+                        args=(self.target, subject, send),
+                        name=f"qsmprep-sub-{subject}",
+                    )
+                    proc.start()
+                    send.close()  # the participant's end: EOF here once it has ended
+                    running[receive] = (subject, proc)
+                for conn in wait(list(running)):
+                    subject, proc = running.pop(conn)
+                    try:
+                        lines = conn.recv()
+                    except (EOFError, OSError):
+                        lines = None
+                    conn.close()
+                    proc.join()
+                    results[subject] = [_ended(proc.exitcode)] if lines is None else lines
+                    stopping = stopping or bool(results[subject] and stop_on_first_failure)
+        except BaseException as error:
+            signum = error.signum if isinstance(error, Interrupted) else signal.SIGTERM
+            self.stopped = [subject for subject, proc in running.values() if proc.is_alive()]
+            stop_processes([proc for _, proc in running.values()], signum)
+            raise
+        return results, pending
