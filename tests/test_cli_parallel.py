@@ -5,13 +5,20 @@ step fails. Concurrency is proven by the participants' own logs: their time span
 """
 
 import datetime
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import pytest
 
-from qsmprep.cli.parallel import Plan, plan
+from qsmprep.cli.parallel import ParticipantPool, Plan, plan
 from qsmprep.workflows.base import STAGE_DIRNAME
 
 
@@ -34,6 +41,65 @@ def test_plan_shares_processes_threads_and_memory():
     # without --mem: the machine's memory is the limit
     auto = plan(2, 2, 2, None, 0.5)
     assert auto.parallel == 2 and auto.mem_gb is not None and auto.mem_gb > 0.25
+
+
+def _fake(subject: str) -> list[str]:
+    """A participant's work: fine, failing, or its process killed."""
+    if subject.startswith("killed"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ["it failed"] if subject.startswith("fails") else []
+
+
+def test_pool_collects_each_result_and_a_dying_process_fails_only_its_participant():
+    results, rest = ParticipantPool(_fake, 2).run(["ok", "killed", "fails", "ok2"])
+    assert rest == []
+    assert results["ok"] == results["ok2"] == [] and results["fails"] == ["it failed"]
+    (line,) = results["killed"]
+    assert line.startswith("its process was killed by SIGKILL (out of memory?)")
+
+
+def test_pool_starts_nothing_after_a_failure_when_asked():
+    results, rest = ParticipantPool(_fake, 1).run(["ok", "fails", "ok2", "killed"], True)
+    assert list(results) == ["ok", "fails"] and rest == ["ok2", "killed"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_participants_end_when_the_main_process_is_killed(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, time
+        from qsmprep.cli.parallel import ParticipantPool
+
+        def work(subject):
+            open(os.path.join({str(tmp_path)!r}, subject), "w").write(str(os.getpid()))
+            time.sleep(60)
+            return []
+
+        ParticipantPool(work, 2).run(["a", "b"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / s).is_file() and (tmp_path / s).read_text() for s in "ab"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        pids = [int((tmp_path / s).read_text()) for s in "ab"]
+        proc.kill()  # SIGKILL: no cleanup in the main process
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, pids)), "orphaned participants"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ failure, or its process dying, never touches another's outputs, and each log hol
 its participant's messages. On SIGINT or SIGTERM the main process passes the signal on to
 the participants' processes, which stop their own workers, discard their staged outputs
 and record the interruption in their logs and reports; those still running after a
-grace period (or a further signal) are killed, so that no process is left behind.
+grace period (or a further signal) are killed, so that no process is left behind, and
+each gets SIGTERM from the kernel if the main process dies without that (Linux).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -27,6 +29,9 @@ from .interrupt import Interrupted, stop_processes
 #: Share of the physical memory that the participants may use without ``--mem`` (nipype's
 #: MultiProc default).
 MEMORY_SHARE = 0.9
+
+#: prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,21 @@ def plan(
     return Plan(parallel, share, min(threads, share), mem_share)
 
 
-def _child(target: Callable[[str], list[str]], subject: str, conn) -> None:
+def _end_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this process when its parent dies, even by SIGKILL
+    (Linux; elsewhere nothing happens), so that a participant is never left running alone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(target: Callable[[str], list[str]], subject: str, conn, parent: int) -> None:
     """A participant's process: run ``target(subject)`` and send its failure lines back."""
+    _end_with_parent(parent)
     try:
         lines = target(subject)
         conn.send(lines)
@@ -125,7 +143,7 @@ class ParticipantPool:
                     receive, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(
                         target=_child,
-                        args=(self.target, subject, send),
+                        args=(self.target, subject, send, os.getpid()),
                         name=f"qsmprep-sub-{subject}",
                     )
                     proc.start()
