@@ -160,9 +160,12 @@ def test_participants_run_at_once_and_a_failure_stays_with_its_participant(
     assert start1 < end2 and start2 < end1, (start1, end1, start2, end2)
     # sub-03 took the free place once sub-02 had failed
     assert _span(logs["03"])[0] >= end2 - datetime.timedelta(seconds=1)
-    # each log records the settings as given, not the participant's share of them
+    # each log records the settings as given, and the participant's share of them
     (toml,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
     assert "nprocs = 2\n" in toml.read_text()
+    assert (
+        "sub-01: beside other participants, with 1 nipype process(es), 1 thread(s)" in logs["01"]
+    )
 
 
 @pytest.mark.slow

@@ -1071,6 +1071,17 @@ def _process_participant(
     current = _Participant(subject, runs, reporting.start_participant_log(cfg, subject, argv))
     session.current = current
     logger.info("sub-%s: %d run(s)", subject, len(runs))
+    if share is not cfg:
+        res = share.resources
+        memory = "" if res.mem_gb is None else f" and {res.mem_gb:.1f} GB"
+        logger.info(
+            "sub-%s: beside other participants, with %d nipype process(es), %d thread(s) per "
+            "process%s",
+            subject,
+            res.nprocs,
+            res.threads,
+            memory,
+        )
     current.wf, lines = prepare_participant(share, subject, runs, stage)
     if current.wf is not None:
         lines = run_participant(share, subject, runs, current.wf)
