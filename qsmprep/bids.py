@@ -358,14 +358,19 @@ class SelectionScope:
         """The scope of ``runs`` (and of the participants in ``whole``) in the dataset at
         ``root``; ``sessions`` are the selected session labels (``None``: all)."""
         root = Path(root).absolute()
-        files = set()
+        paths = []
         for run in runs:
             for image in run.source_files:
-                files.add(Path(image).absolute().relative_to(root).as_posix())
                 stem = Path(image).name.removesuffix(".gz").removesuffix(".nii")
-                sidecars = [Path(image).with_name(f"{stem}.json")]
-                sidecars += sidecar_files(image, root)
-                files.update(Path(f).absolute().relative_to(root).as_posix() for f in sidecars)
+                paths += [Path(image), Path(image).with_name(f"{stem}.json")]
+                paths += sidecar_files(image, root)
+        files = set()
+        for path in paths:
+            path = Path(path).absolute()
+            for base, full in ((root, path), (root.resolve(), path.resolve())):
+                if full.is_relative_to(base):
+                    files.add(full.relative_to(base).as_posix())
+                    break
         return cls(
             subjects=frozenset({run.subject for run in runs} | set(whole)),
             files=frozenset(files),
