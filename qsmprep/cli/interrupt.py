@@ -172,9 +172,9 @@ def stop_processes(processes: list, signum: int, timeout: float = 60.0) -> int:
             os.kill(proc.pid, signum)
     deadline = time.monotonic() + timeout
     try:
-        with next_signal_aborts():
-            for proc in alive:
-                proc.join(max(0.0, deadline - time.monotonic()))
+        with next_signal_aborts():  # by exit status: their workers may hold their sentinels
+            while any(proc.exitcode is None for proc in alive) and time.monotonic() < deadline:
+                time.sleep(0.1)
     except Interrupted:
         pass
     for proc in alive:

@@ -6,11 +6,14 @@ participant's process is forked from the main one and does all of a participant'
 (:func:`qsmprep.cli.run._participant_main`): its log folder, its workflow with its own
 worker processes, the commit of each run's outputs, its report. So one participant's
 failure, or its process dying, never touches another's outputs, and each log holds only
-its participant's messages. On SIGINT or SIGTERM the main process passes the signal on to
-the participants' processes, which stop their own workers, discard their staged outputs
-and record the interruption in their logs and reports; those still running after a
-grace period (or a further signal) are killed, so that no process is left behind, and
-each gets SIGTERM from the kernel if the main process dies without that (Linux).
+its participant's messages. Each participant's process leads its own process group, with
+its workers: a terminal's Ctrl-C reaches the main process only, and what a killed
+participant leaves behind can be ended. On SIGINT or SIGTERM the main process passes the
+signal on to the participants' processes, which stop their own workers, discard their
+staged outputs and record the interruption in their logs and reports; those still running
+after a grace period (or a further signal) are killed with their groups, so that no
+process is left behind, and each gets SIGTERM from the kernel if the main process dies
+without that (Linux).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
@@ -29,6 +33,9 @@ from .interrupt import Interrupted, stop_processes
 #: Share of the physical memory that the participants may use without ``--mem`` (nipype's
 #: MultiProc default).
 MEMORY_SHARE = 0.9
+
+#: Seconds between checks that a participant's process has ended.
+POLL_S = 0.5
 
 #: prctl(2) option: the signal a process gets when its parent dies.
 _PR_SET_PDEATHSIG = 1
@@ -92,8 +99,23 @@ def _end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _own_group(pid: int = 0) -> None:
+    """Make process ``pid`` (0: this one) the leader of its own process group, which its
+    worker processes join: the main process can then end them all, also after the
+    participant's process was killed (its workers would be left running otherwise)."""
+    with suppress(OSError):  # it has ended already
+        os.setpgid(pid, 0)
+
+
+def _end_group(pid: int) -> None:
+    """Kill what is left of the process group of participant process ``pid``."""
+    with suppress(OSError):  # nothing is left
+        os.killpg(pid, signal.SIGKILL)
+
+
 def _child(target: Callable[[str], list[str]], subject: str, conn, parent: int) -> None:
     """A participant's process: run ``target(subject)`` and send its failure lines back."""
+    _own_group()
     _end_with_parent(parent)
     try:
         lines = target(subject)
@@ -108,8 +130,10 @@ def _ended(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         hint = " (out of memory?)" if exitcode == -signal.SIGKILL else ""
-        return f"its process was killed by {name}{hint}; its outputs of this attempt are discarded"
-    return f"its process ended without a result (exit code {exitcode})"
+        what = f"its process was killed by {name}{hint}"
+    else:
+        what = f"its process ended without a result (exit code {exitcode})"
+    return f"{what}: the runs it had not finished are discarded; run again to resume"
 
 
 class ParticipantPool:
@@ -121,6 +145,9 @@ class ParticipantPool:
         self.parallel = parallel
         #: Participants whose process was running when the pool was stopped.
         self.stopped: list[str] = []
+        #: Participants whose process ended without a result (killed, e.g. for memory):
+        #: their logs and reports could not say so.
+        self.died: list[str] = []
 
     def run(
         self, subjects: Sequence[str], stop_on_first_failure: bool = False
@@ -133,7 +160,8 @@ class ParticipantPool:
         same signal (SIGTERM for an error) before the exception goes on."""
         ctx = multiprocessing.get_context("fork")  # the participants share the parsed input
         pending = list(subjects)
-        running: dict = {}  # result connection -> (subject, process)
+        running: dict = {}  # subject -> (process, result connection)
+        received: dict[str, list[str]] = {}  # results of participants not yet ended
         results: dict[str, list[str]] = {}
         stopping = False
         try:
@@ -147,21 +175,48 @@ class ParticipantPool:
                         name=f"qsmprep-sub-{subject}",
                     )
                     proc.start()
-                    send.close()  # the participant's end: EOF here once it has ended
-                    running[receive] = (subject, proc)
-                for conn in wait(list(running)):
-                    subject, proc = running.pop(conn)
-                    try:
-                        lines = conn.recv()
-                    except (EOFError, OSError):
-                        lines = None
-                    conn.close()
+                    _own_group(proc.pid)  # as the participant does: whoever comes first
+                    send.close()  # only the participant (and its workers) can write
+                    running[subject] = (proc, receive)
+                # A result or a participant's end; the workers of a participant that was
+                # killed inherited its pipes (they keep them open), so its end is also
+                # checked by the process's exit status, every POLL_S seconds.
+                waiting = [proc.sentinel for proc, _ in running.values()]
+                waiting += [conn for _, conn in running.values() if not conn.closed]
+                ready = set(wait(waiting, timeout=POLL_S))
+                for subject, (proc, conn) in list(running.items()):
+                    ended = proc.exitcode is not None
+                    if not conn.closed and (conn in ready or ended):
+                        result = _receive(conn)
+                        if result is not None:
+                            received[subject] = result
+                    if not ended:
+                        continue
+                    del running[subject]
                     proc.join()
-                    results[subject] = [_ended(proc.exitcode)] if lines is None else lines
-                    stopping = stopping or bool(results[subject] and stop_on_first_failure)
+                    _end_group(proc.pid)
+                    lines = received.pop(subject, None)
+                    if lines is None:
+                        lines = [_ended(proc.exitcode)]
+                        self.died.append(subject)
+                    results[subject] = lines
+                    stopping = stopping or bool(lines and stop_on_first_failure)
         except BaseException as error:
             signum = error.signum if isinstance(error, Interrupted) else signal.SIGTERM
-            self.stopped = [subject for subject, proc in running.values() if proc.is_alive()]
-            stop_processes([proc for _, proc in running.values()], signum)
+            procs = [proc for proc, _ in running.values()]
+            self.stopped = [subject for subject, (proc, _) in running.items() if proc.is_alive()]
+            stop_processes(procs, signum)
+            for proc in procs:
+                _end_group(proc.pid)
             raise
         return results, pending
+
+
+def _receive(conn) -> list[str] | None:
+    """The failure lines waiting in ``conn`` (then closed), or None (none, or its end)."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+    finally:
+        conn.close()

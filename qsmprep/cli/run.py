@@ -999,6 +999,11 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         results, rest = session.pool.run(list(selected), ex.stop_on_first_crash)
         processed = list(results)
         failures.update({subject: lines for subject, lines in results.items() if lines})
+        for subject in session.pool.died:  # killed: a log folder and report say so
+            log = reporting.start_participant_log(cfg, subject, argv, started)
+            session.current = _Participant(subject, selected[subject], log, writing_report=True)
+            reporting.finish_participant(cfg, subject, selected[subject], log, results[subject])
+            session.current = None
     else:
         processed, rest = [], []
         for subject, runs in selected.items():
