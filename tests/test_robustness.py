@@ -296,3 +296,119 @@ def test_a_second_signal_is_ignored_during_cleanup_except_where_it_may_abort(mon
         assert second.value.name == "SIGINT"
         os.kill(os.getpid(), signal.SIGINT)  # ignored again after the block
         time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
+def test_interrupting_participants_in_parallel_stops_every_process(
+    dataset, tmp_path, copy_participant, sig
+):
+    root = _clone(dataset, tmp_path)
+    copy_participant(root, "01", "02")
+    out, work = tmp_path / "out", tmp_path / "work"
+    # two participants at once, each with two nipype processes: the U-Net inverts in a
+    # worker of each participant's process
+    args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
+            "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
+            stdout=stream, stderr=stream, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (
+            len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
+            and len(_descendants(proc.pid)) >= 4
+        ):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the runs did not reach the inversion"
+            time.sleep(0.05)
+        processes = _descendants(proc.pid)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C reaches the main process's group
+        else:
+            proc.send_signal(sig)  # e.g. a batch scheduler's time limit
+        # either way the main process passes it on: the participants lead their own groups
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert code == 128 + sig, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"qsmprep: interrupted by {sig.name}: stopped 2 worker"), last
+    assert last.endswith("the logs and reports of sub-01, sub-02 say so"), last
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in processes), "orphaned processes"
+    assert not (out / STAGE_DIRNAME).exists()
+    for sub in ("01", "02"):
+        assert not (out / f"sub-{sub}" / "anat").exists()
+        assert f"interrupted by {sig.name}" in _errors(out, sub)
+        assert f"interrupted by {sig.name}" in (out / f"sub-{sub}.html").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of the direct children of ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_a_participant_killed_in_parallel_fails_alone_and_leaves_no_process(
+    dataset, tmp_path, copy_participant
+):
+    root = _clone(dataset, tmp_path)
+    copy_participant(root, "01", "02")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
+            "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
+            stdout=stream, stderr=stream, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (
+            len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
+            and len(_descendants(proc.pid)) >= 4
+        ):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the runs did not reach the inversion"
+            time.sleep(0.05)
+        victim = min(_children(proc.pid))  # the first participant's process
+        workers = _descendants(victim)
+        assert workers  # its nipype workers, which the kill leaves without their parent
+        os.kill(victim, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if " failed: " in ln]
+    assert line.startswith("qsmprep: sub-01 failed: its process was killed by SIGKILL"), line
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").is_file()  # the other one
+    assert not (out / "sub-01" / "anat").exists() and not (out / STAGE_DIRNAME).exists()
+    assert "killed by SIGKILL" in _errors(out, "01")  # its log and report say so
+    assert "killed by SIGKILL" in (out / "sub-01.html").read_text()
+    assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
