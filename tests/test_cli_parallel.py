@@ -14,9 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
 import pytest
+from helpers import alive, spoil_phase
 
 from qsmprep.cli.parallel import ParticipantPool, Plan, plan
 from qsmprep.workflows.base import STAGE_DIRNAME
@@ -63,14 +62,6 @@ def test_pool_starts_nothing_after_a_failure_when_asked():
     assert list(results) == ["ok", "fails"] and rest == ["ok2", "killed"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_participants_end_when_the_main_process_is_killed(tmp_path):
     script = textwrap.dedent(f"""
@@ -94,9 +85,9 @@ def test_participants_end_when_the_main_process_is_killed(tmp_path):
         proc.kill()  # SIGKILL: no cleanup in the main process
         proc.wait()
         deadline = time.monotonic() + 10
-        while any(map(_alive, pids)) and time.monotonic() < deadline:
+        while any(map(alive, pids)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(map(_alive, pids)), "orphaned participants"
+        assert not any(map(alive, pids)), "orphaned participants"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -108,9 +99,7 @@ def study(small_phantom, tmp_path_factory, copy_participant):
     shutil.copytree(small_phantom.root, root)
     for sub in ("02", "03"):
         copy_participant(root, "01", sub)
-    phase = root / "sub-02" / "anat" / "sub-02_echo-2_part-phase_MEGRE.nii.gz"
-    img = nb.load(phase)
-    nb.save(nb.Nifti1Image(img.get_fdata(dtype=np.float32) * 10.5, img.affine), phase)
+    spoil_phase(root / "sub-02" / "anat" / "sub-02_echo-2_part-phase_MEGRE.nii.gz")
     return root
 
 

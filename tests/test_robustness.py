@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import alive, children, descendants
 
 from qsmprep.interfaces.bids import commit_files
 from qsmprep.workflows.base import RUN_OUTPUT_TAILS, STAGE_DIRNAME
@@ -183,31 +184,6 @@ def test_run_output_tails_cover_every_output_the_reports_read():
     assert [n for n in names if not re.fullmatch(RUN_OUTPUT_TAILS, n)] == []
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids of every descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 @pytest.mark.parametrize(
     "sig, resume",
@@ -233,12 +209,12 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
         while not (
             inverting.is_dir()
             and any(out.glob(f"{STAGE_DIRNAME}/**/sub-01_localfield.nii.gz"))
-            and _descendants(proc.pid)
+            and descendants(proc.pid)
         ):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the run did not reach the inversion"
             time.sleep(0.05)
-        workers = _descendants(proc.pid)
+        workers = descendants(proc.pid)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole process group
         else:
@@ -253,9 +229,9 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.splitlines()[-1].startswith(f"qsmprep: interrupted by {sig.name}: stopped")
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
+    assert not any(alive(pid) for pid in workers), "orphaned worker processes"
     assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01" / "anat").exists()
     assert f"interrupted by {sig.name}" in _errors(out, "01")  # its log and report say so
     assert f"interrupted by {sig.name}" in (out / "sub-01.html").read_text()
@@ -298,18 +274,13 @@ def test_a_second_signal_is_ignored_during_cleanup_except_where_it_may_abort(mon
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
-@pytest.mark.parametrize(
-    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
-)
-def test_interrupting_participants_in_parallel_stops_every_process(
-    dataset, tmp_path, copy_participant, sig
-):
+def _two_participants_at_the_inversion(dataset, tmp_path, copy_participant):
+    """Start qsmprep on two participants at once, each with two nipype processes (the
+    U-Net inverts in a worker of each participant's process), and return once both reach
+    the inversion: the process, the output folder and the stderr file."""
     root = _clone(dataset, tmp_path)
     copy_participant(root, "01", "02")
     out, work = tmp_path / "out", tmp_path / "work"
-    # two participants at once, each with two nipype processes: the U-Net inverts in a
-    # worker of each participant's process
     args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
             "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
     log = tmp_path / "stderr.txt"
@@ -323,12 +294,28 @@ def test_interrupting_participants_in_parallel_stops_every_process(
         deadline = time.monotonic() + 180
         while not (
             len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
-            and len(_descendants(proc.pid)) >= 4
+            and len(descendants(proc.pid)) >= 4
         ):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the runs did not reach the inversion"
             time.sleep(0.05)
-        processes = _descendants(proc.pid)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc, out, log
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
+def test_interrupting_participants_in_parallel_stops_every_process(
+    dataset, tmp_path, copy_participant, sig
+):
+    proc, out, log = _two_participants_at_the_inversion(dataset, tmp_path, copy_participant)
+    try:
+        processes = descendants(proc.pid)
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # Ctrl-C reaches the main process's group
         else:
@@ -346,9 +333,9 @@ def test_interrupting_participants_in_parallel_stops_every_process(
     assert last.startswith(f"qsmprep: interrupted by {sig.name}: stopped 2 worker"), last
     assert last.endswith("the logs and reports of sub-01, sub-02 say so"), last
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in processes) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in processes), "orphaned processes"
+    assert not any(alive(pid) for pid in processes), "orphaned processes"
     assert not (out / STAGE_DIRNAME).exists()
     for sub in ("01", "02"):
         assert not (out / f"sub-{sub}" / "anat").exists()
@@ -356,46 +343,15 @@ def test_interrupting_participants_in_parallel_stops_every_process(
         assert f"interrupted by {sig.name}" in (out / f"sub-{sub}.html").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids of the direct children of ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_a_participant_killed_in_parallel_fails_alone_and_leaves_no_process(
     dataset, tmp_path, copy_participant
 ):
-    root = _clone(dataset, tmp_path)
-    copy_participant(root, "01", "02")
-    out, work = tmp_path / "out", tmp_path / "work"
-    args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
-            "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
-    log = tmp_path / "stderr.txt"
-    with log.open("w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
-            stdout=stream, stderr=stream, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+    proc, out, log = _two_participants_at_the_inversion(dataset, tmp_path, copy_participant)
     try:
-        deadline = time.monotonic() + 180
-        while not (
-            len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
-            and len(_descendants(proc.pid)) >= 4
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the runs did not reach the inversion"
-            time.sleep(0.05)
-        victim = min(_children(proc.pid))  # the first participant's process
-        workers = _descendants(victim)
+        victim = min(children(proc.pid))  # the first participant's process
+        workers = descendants(victim)
         assert workers  # its nipype workers, which the kill leaves without their parent
         os.kill(victim, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
         code = proc.wait(timeout=180)
@@ -411,4 +367,4 @@ def test_a_participant_killed_in_parallel_fails_alone_and_leaves_no_process(
     assert not (out / "sub-01" / "anat").exists() and not (out / STAGE_DIRNAME).exists()
     assert "killed by SIGKILL" in _errors(out, "01")  # its log and report say so
     assert "killed by SIGKILL" in (out / "sub-01.html").read_text()
-    assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
+    assert not any(alive(pid) for pid in workers), "orphaned worker processes"
