@@ -184,6 +184,28 @@ def test_run_output_tails_cover_every_output_the_reports_read():
     assert [n for n in names if not re.fullmatch(RUN_OUTPUT_TAILS, n)] == []
 
 
+def _interrupt(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send ``sig`` as a user or a scheduler would (SIGINT: Ctrl-C, to the whole process
+    group; SIGTERM: to the main process, e.g. at a time limit); return the exit code."""
+    try:
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _assert_all_end(pids: list[int], within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "orphaned processes"
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 @pytest.mark.parametrize(
     "sig, resume",
@@ -214,24 +236,17 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the run did not reach the inversion"
             time.sleep(0.05)
-        workers = descendants(proc.pid)
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole process group
-        else:
-            proc.send_signal(sig)  # e.g. a batch scheduler's time limit
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    workers = descendants(proc.pid)
+    code = _interrupt(proc, sig, timeout=60)
     err = log.read_text()
     assert code == 128 + sig, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.splitlines()[-1].startswith(f"qsmprep: interrupted by {sig.name}: stopped")
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in workers), "orphaned worker processes"
+    _assert_all_end(workers)
     assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01" / "anat").exists()
     assert f"interrupted by {sig.name}" in _errors(out, "01")  # its log and report say so
     assert f"interrupted by {sig.name}" in (out / "sub-01.html").read_text()
@@ -314,28 +329,16 @@ def test_interrupting_participants_in_parallel_stops_every_process(
     dataset, tmp_path, copy_participant, sig
 ):
     proc, out, log = _two_participants_at_the_inversion(dataset, tmp_path, copy_participant)
-    try:
-        processes = descendants(proc.pid)
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # Ctrl-C reaches the main process's group
-        else:
-            proc.send_signal(sig)  # e.g. a batch scheduler's time limit
-        # either way the main process passes it on: the participants lead their own groups
-        code = proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    processes = descendants(proc.pid)
+    # either way the main process passes the signal on: the participants lead their own groups
+    code = _interrupt(proc, sig, timeout=90)
     err = log.read_text()
     assert code == 128 + sig, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     last = err.splitlines()[-1]
     assert last.startswith(f"qsmprep: interrupted by {sig.name}: stopped 2 worker"), last
     assert last.endswith("the logs and reports of sub-01, sub-02 say so"), last
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in processes), "orphaned processes"
+    _assert_all_end(processes)
     assert not (out / STAGE_DIRNAME).exists()
     for sub in ("01", "02"):
         assert not (out / f"sub-{sub}" / "anat").exists()
