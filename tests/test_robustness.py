@@ -184,6 +184,29 @@ def test_run_output_tails_cover_every_output_the_reports_read():
     assert [n for n in names if not re.fullmatch(RUN_OUTPUT_TAILS, n)] == []
 
 
+def _start_until(args: list, tmp_path: Path, ready) -> tuple[subprocess.Popen, Path]:
+    """Start ``qsmprep ARGS`` in its own session (one thread per worker, output to a file)
+    and return once ``ready(proc)`` holds (within 180 s): the process and its output file."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
+            stdout=stream, stderr=stream, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not ready(proc):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the run did not reach the inversion"
+            time.sleep(0.05)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc, log
+
+
 def _interrupt(proc: subprocess.Popen, sig: int, timeout: float) -> int:
     """Send ``sig`` as a user or a scheduler would (SIGINT: Ctrl-C, to the whole process
     group; SIGTERM: to the main process, e.g. at a time limit); return the exit code."""
@@ -218,28 +241,16 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
     # the bundled U-Net on one thread: an inversion that lasts seconds, in a worker
     args = [dataset.root, out, "participant", "-w", work, "--skip-bids-validation",
             "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
-    log = tmp_path / "stderr.txt"
-    with log.open("w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args), "--nprocs", "2"],
-            stdout=stream, stderr=stream, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
     inverting = work / "sub_01_wf" / "qsm_sub_01_wf" / "dipole_inversion"
-    try:
-        deadline = time.monotonic() + 180
-        while not (
+    proc, log = _start_until(
+        [*args, "--nprocs", "2"],
+        tmp_path,
+        lambda proc: (
             inverting.is_dir()
             and any(out.glob(f"{STAGE_DIRNAME}/**/sub-01_localfield.nii.gz"))
-            and descendants(proc.pid)
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the run did not reach the inversion"
-            time.sleep(0.05)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+            and bool(descendants(proc.pid))
+        ),
+    )
     workers = descendants(proc.pid)
     code = _interrupt(proc, sig, timeout=60)
     err = log.read_text()
@@ -298,26 +309,14 @@ def _two_participants_at_the_inversion(dataset, tmp_path, copy_participant):
     out, work = tmp_path / "out", tmp_path / "work"
     args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
             "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
-    log = tmp_path / "stderr.txt"
-    with log.open("w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
-            stdout=stream, stderr=stream, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not (
+    proc, log = _start_until(
+        args,
+        tmp_path,
+        lambda proc: (
             len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
             and len(descendants(proc.pid)) >= 4
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the runs did not reach the inversion"
-            time.sleep(0.05)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+        ),
+    )
     return proc, out, log
 
 
