@@ -14,8 +14,13 @@
 4. With ``--variants``, re-runs with one stage changed at a time (e.g. ``--inversion
    tv``) in a shared work directory, so the unchanged upstream steps come from the cache:
    their times are incremental, the NRMSE is the point.
+5. Runs the peer, QSM.rs (QSMxT 9's library, with its stage defaults) on the same
+   dataset, measured the same way (``--no-peer`` skips it; so does its absence), and
+   sets the stage times side by side: qsmprep's from its log ("... done in X s"), the
+   peer's from its output; what is left of each wall time is start-up, reading,
+   bookkeeping and writing (for qsmprep also the report).
 
-Prints a markdown table (and writes it as JSON with ``--json``).
+Prints markdown tables (and writes them as JSON with ``--json``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -33,6 +39,21 @@ import nibabel as nb
 import numpy as np
 
 from qsmprep.qsm.metrics import nrmse
+
+#: The peer: QSM.rs's command-line driver (see its README), next to the repository.
+PEER = Path(__file__).absolute().parent.parent.parent / "shared" / "tools" / "qsmrs"
+PEER_NAME = "QSM.rs (d2a6920), QSMxT 9 stage defaults"
+
+#: Stage groups of the side-by-side table: name -> (qsmprep log labels, peer output labels).
+STAGES = {
+    "field mapping": (
+        ("phase-offset removal", "phase unwrapping", "echo fit"),
+        ("field mapping",),
+    ),
+    "mask": (("masking", "field reliability"), ("mask",)),
+    "background removal": (("background field removal",), ("background removal",)),
+    "dipole inversion": (("dipole inversion",), ("dipole inversion",)),
+}
 
 #: One-at-a-time variants of the defaults: name -> extra qsmprep options.
 VARIANTS = {
@@ -84,14 +105,15 @@ def _rss_bytes(pid: int) -> int:
 
 
 def run_measured(cmd: list[str], interval: float = 0.2) -> dict:
-    """Run ``cmd``; return its exit code, wall time (s) and peak memory (GB).
+    """Run ``cmd``; return its exit code, wall time (s), peak memory (GB) and its output
+    (``stderr``: stdout and stderr together).
 
     ``peak_tree_gb``: the largest sum of resident sets over the process tree, sampled every
     ``interval`` s. ``peak_process_gb``: the largest single process (``ru_maxrss`` from
     ``wait4``, which covers the reaped nipype workers too).
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, err = [0], []
     done = threading.Event()
 
@@ -103,7 +125,7 @@ def run_measured(cmd: list[str], interval: float = 0.2) -> dict:
 
     threads = [
         threading.Thread(target=sample, daemon=True),
-        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True),
+        threading.Thread(target=lambda: err.append(proc.stdout.read()), daemon=True),
     ]
     for t in threads:
         t.start()
@@ -120,6 +142,44 @@ def run_measured(cmd: list[str], interval: float = 0.2) -> dict:
         "peak_process_gb": usage.ru_maxrss * 1024 / 1e9,
         "stderr": "".join(err),
     }
+
+
+def stage_times(log: str, peer: bool) -> dict[str, float]:
+    """Seconds per stage group of :data:`STAGES`, from qsmprep's log or the peer's output."""
+    if peer:  # e.g. "mask: 2672813 voxels (2.83s)", "background removal Vsharp: 15.53s"
+        found = re.findall(r"^([a-z ]+?)(?: [A-Z]\w*)?: .*?([\d.]+)s\)?$", log, re.M)
+    else:  # e.g. "04:05:59 qsmprep sub_01: dipole inversion (tv) done in 20.4 s"
+        found = re.findall(r"qsmprep \S+: (.+?) done in ([\d.]+) s$", log, re.M)
+    times = {}
+    for group, labels in STAGES.items():
+        names = labels[1] if peer else labels[0]
+        hits = [float(t) for label, t in found if label.startswith(names)]
+        if hits:
+            times[group] = sum(hits)
+    return times
+
+
+def stage_table(ours: dict, peer: dict | None) -> list[str]:
+    """Markdown rows: each stage group, the rest of the wall time, the wall and memory."""
+    cols = [ours] + ([peer] if peer else [])
+    head = "| stage | qsmprep (s) |" + (f" {PEER_NAME} (s) |" if peer else "")
+    lines = [head, "| --- |" + " ---: |" * len(cols)]
+    for group in STAGES:
+        cells = [f"{c['stages'][group]:.1f}" if group in c["stages"] else "-" for c in cols]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    rest = [c["wall_s"] - sum(c["stages"].values()) for c in cols]
+    lines.append(
+        "| the rest: start-up, reading, bookkeeping, writing (qsmprep: and the report) | "
+        + " | ".join(f"{r:.1f}" for r in rest)
+        + " |"
+    )
+    lines.append("| wall | " + " | ".join(f"{c['wall_s']:.1f}" for c in cols) + " |")
+    lines.append(
+        "| peak RSS, process tree (GB) | "
+        + " | ".join(f"{c['peak_tree_gb']:.2f}" for c in cols)
+        + " |"
+    )
+    return lines
 
 
 def score(out: Path, run) -> dict:
@@ -169,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         help="head phantom seed; the adaptive U-Net was trained on 0-3 and validated on "
         "1000-1003, so score it on a test seed (2000-2999)",
     )
+    parser.add_argument(
+        "--no-peer", dest="peer", action="store_false", help=f"do not run {PEER_NAME}"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
@@ -197,8 +260,19 @@ def main(argv: list[str] | None = None) -> int:
             tail = res["stderr"][-2000:]
             print(f"{name}: qsmprep exited {res['code']}\n{tail}", file=sys.stderr)
             continue
+        stages = stage_times(res.pop("stderr"), peer=False)
         rows.append({"run": name, "options": " ".join(extra), **res, **score(out, run)})
-        rows[-1].pop("stderr")
+        rows[-1]["stages"] = stages
+    peer = None
+    if args.peer and not (PEER / "run-bids").exists():
+        print(f"{PEER_NAME} is not at {PEER}: qsmprep alone", file=sys.stderr)
+    elif args.peer and rows and rows[0]["run"] == "defaults":
+        out = base / f"out-peer-{args.preset}"
+        peer = run_measured([str(PEER / "run-bids"), str(info.root), run.subject, str(out)])
+        if peer["code"] != 0:
+            print(f"{PEER_NAME} exited {peer['code']}\n{peer['stderr'][-2000:]}", file=sys.stderr)
+            return 1
+        peer["stages"] = stage_times(peer.pop("stderr"), peer=True)
 
     dims = "x".join(map(str, shape[:3]))
     lines = [
@@ -216,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['peak_tree_gb']:.2f} / {r['peak_process_gb']:.2f} "
             f"| {r['nrmse_total']:.1f} | {r['nrmse_local']:.1f} | {r['nrmse_chi']:.1f} |"
         )
+    if rows and rows[0]["run"] == "defaults":
+        lines += ["", "Stages of the defaults' run" + (f" and of {PEER_NAME}" if peer else "")]
+        lines += ["", *stage_table(rows[0], peer)]
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"runs": rows, "peer": peer}, indent=2))
     return 0 if rows and rows[0]["run"] == "defaults" else 1
 
 

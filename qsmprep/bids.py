@@ -234,6 +234,20 @@ def read_metadata(path: str | Path, root: str | Path) -> Metadata:
     values of deeper and more specific sidecars win. A sidecar that is not a JSON object
     raises :class:`BIDSError` naming it.
     """
+    root = Path(root).absolute()
+    meta = Metadata()
+    for candidate in sidecar_files(path, root):
+        values = _read_json(candidate, root)
+        meta.update(values)
+        meta.sources.update(dict.fromkeys(values, candidate.relative_to(root).as_posix()))
+    return meta
+
+
+def sidecar_files(path: str | Path, root: str | Path) -> list[Path]:
+    """The sidecars that apply to the image ``path`` in the dataset at ``root`` (BIDS
+    inheritance principle), least specific first: every ``.json`` in the image's folder or a
+    folder above it (up to ``root``) whose suffix is the image's and whose entities are a
+    subset of the image's."""
     path, root = Path(path).absolute(), Path(root).absolute()
     suffix, pairs = _name_parts(path.name)
     folders = [path.parent, *path.parent.parents]
@@ -244,12 +258,7 @@ def read_metadata(path: str | Path, root: str | Path) -> Metadata:
             c_suffix, c_pairs = _name_parts(candidate.name)
             if c_suffix == suffix and c_pairs <= pairs:
                 found.append((depth, len(c_pairs), candidate.name, candidate))
-    meta = Metadata()
-    for *_, candidate in sorted(found):
-        values = _read_json(candidate, root)
-        meta.update(values)
-        meta.sources.update(dict.fromkeys(values, candidate.relative_to(root).as_posix()))
-    return meta
+    return [candidate for *_, candidate in sorted(found)]
 
 
 def metadata_number(meta: dict[str, Any], key: str, image: str | Path) -> float | None:
@@ -316,6 +325,72 @@ def select_participants(layout, labels: list[str] | None = None) -> list[str]:
             f"(available: {', '.join(available) or 'none'})"
         )
     return list(labels)
+
+
+@dataclass(frozen=True)
+class SelectionScope:
+    """The files of a dataset that concern one qsmprep invocation, so that a problem found
+    elsewhere (in a participant that was not selected, or a run that the filters left out)
+    does not block it.
+
+    A path relative to the dataset (``/``-separated; a leading ``/`` is allowed) is in the
+    scope when it belongs to no participant (``dataset_description.json``,
+    ``participants.tsv``, top-level sidecars), or when it belongs to a selected participant
+    (and a selected session, if ``sessions`` is set) and is either outside its datatype
+    folders (``*_scans.tsv``, ``*_sessions.tsv``, inherited sidecars) or one of the selected
+    runs' images or the sidecars that apply to them. All files of the participants in
+    ``whole`` are in the scope: their runs could not be listed.
+    """
+
+    subjects: frozenset[str]
+    files: frozenset[str]
+    sessions: frozenset[str] | None = None
+    whole: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(
+        cls,
+        root: str | Path,
+        runs: list[MEGRERun],
+        sessions: list[str] | None = None,
+        whole: list[str] | tuple[str, ...] = (),
+    ) -> SelectionScope:
+        """The scope of ``runs`` (and of the participants in ``whole``) in the dataset at
+        ``root``; ``sessions`` are the selected session labels (``None``: all)."""
+        root = Path(root).absolute()
+        paths = []
+        for run in runs:
+            for image in run.source_files:
+                stem = Path(image).name.removesuffix(".gz").removesuffix(".nii")
+                paths += [Path(image), Path(image).with_name(f"{stem}.json")]
+                paths += sidecar_files(image, root)
+        files = set()
+        for path in paths:
+            path = Path(path).absolute()
+            for base, full in ((root, path), (root.resolve(), path.resolve())):
+                if full.is_relative_to(base):
+                    files.add(full.relative_to(base).as_posix())
+                    break
+        return cls(
+            subjects=frozenset({run.subject for run in runs} | set(whole)),
+            files=frozenset(files),
+            sessions=None if sessions is None else frozenset(sessions),
+            whole=frozenset(whole),
+        )
+
+    def __contains__(self, path: object) -> bool:
+        parts = [p for p in str(path).split("/") if p]
+        if not parts or not parts[0].startswith("sub-"):
+            return True  # the dataset as a whole, or a file of no participant
+        subject = parts[0][4:]
+        if subject not in self.subjects:
+            return False
+        session = parts[1][4:] if len(parts) > 2 and parts[1].startswith("ses-") else None
+        if self.sessions is not None and session is not None and session not in self.sessions:
+            return False
+        if subject in self.whole or len(parts) <= 2 + (session is not None):
+            return True  # not in a datatype folder
+        return "/".join(parts) in self.files
 
 
 def collect_runs(

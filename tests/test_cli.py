@@ -145,7 +145,7 @@ def test_nothing_selected_exits_18(tmp_path, capsys):
 
 def test_invalid_dataset_exits_16(tmp_path, capsys):
     root = _raw_dataset(tmp_path / "bids")
-    (root / "sub-01" / "anat" / "not_bids.txt").write_text("x")
+    (root / "not_bids.txt").write_text("x")  # of the dataset, so in any selection
     assert any("NOT_INCLUDED" in e for e in validate_bids(root))
     assert main([str(root), str(tmp_path / "out"), "participant"]) == 16
     err = capsys.readouterr().err

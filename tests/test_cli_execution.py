@@ -7,9 +7,8 @@ step fails), and acq-b, which is fine; sub-02 is fine.
 
 import json
 
-import nibabel as nb
-import numpy as np
 import pytest
+from helpers import spoil_phase
 
 from qsmprep.sim import SubjectSpec, write_bids_dataset
 
@@ -20,9 +19,7 @@ def dataset(tmp_path_factory):
     specs = [SubjectSpec("01", acq="a", seed=0), SubjectSpec("01", acq="b", seed=0),
              SubjectSpec("02", seed=0)]  # fmt: skip
     write_bids_dataset(root, specs, preset="small")
-    phase = root / "sub-01" / "anat" / "sub-01_acq-a_echo-2_part-phase_MEGRE.nii.gz"
-    img = nb.load(phase)
-    nb.save(nb.Nifti1Image(img.get_fdata(dtype=np.float32) * 10.5, img.affine), phase)
+    spoil_phase(root / "sub-01" / "anat" / "sub-01_acq-a_echo-2_part-phase_MEGRE.nii.gz")
     return root
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import alive, children, descendants
 
 from qsmprep.interfaces.bids import commit_files
 from qsmprep.workflows.base import RUN_OUTPUT_TAILS, STAGE_DIRNAME
@@ -183,29 +184,49 @@ def test_run_output_tails_cover_every_output_the_reports_read():
     assert [n for n in names if not re.fullmatch(RUN_OUTPUT_TAILS, n)] == []
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids of every descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
+def _start_until(args: list, tmp_path: Path, ready) -> tuple[subprocess.Popen, Path]:
+    """Start ``qsmprep ARGS`` in its own session (one thread per worker, output to a file)
+    and return once ``ready(proc)`` holds (within 180 s): the process and its output file."""
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args)],
+            stdout=stream, stderr=stream, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        deadline = time.monotonic() + 180
+        while not ready(proc):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the run did not reach the inversion"
+            time.sleep(0.05)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc, log
+
+
+def _interrupt(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send ``sig`` as a user or a scheduler would (SIGINT: Ctrl-C, to the whole process
+    group; SIGTERM: to the main process, e.g. at a time limit); return the exit code."""
+    try:
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _assert_all_end(pids: list[int], within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "orphaned processes"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
@@ -220,42 +241,23 @@ def test_interruption_stops_workers_and_cleans_up_and_the_run_resumes(
     # the bundled U-Net on one thread: an inversion that lasts seconds, in a worker
     args = [dataset.root, out, "participant", "-w", work, "--skip-bids-validation",
             "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
-    log = tmp_path / "stderr.txt"
-    with log.open("w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qsmprep.cli.run", *map(str, args), "--nprocs", "2"],
-            stdout=stream, stderr=stream, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
     inverting = work / "sub_01_wf" / "qsm_sub_01_wf" / "dipole_inversion"
-    try:
-        deadline = time.monotonic() + 180
-        while not (
+    proc, log = _start_until(
+        [*args, "--nprocs", "2"],
+        tmp_path,
+        lambda proc: (
             inverting.is_dir()
             and any(out.glob(f"{STAGE_DIRNAME}/**/sub-01_localfield.nii.gz"))
-            and _descendants(proc.pid)
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the run did not reach the inversion"
-            time.sleep(0.05)
-        workers = _descendants(proc.pid)
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)  # Ctrl-C reaches the whole process group
-        else:
-            proc.send_signal(sig)  # e.g. a batch scheduler's time limit
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            and bool(descendants(proc.pid))
+        ),
+    )
+    workers = descendants(proc.pid)
+    code = _interrupt(proc, sig, timeout=60)
     err = log.read_text()
     assert code == 128 + sig, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.splitlines()[-1].startswith(f"qsmprep: interrupted by {sig.name}: stopped")
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "orphaned worker processes"
+    _assert_all_end(workers)
     assert not (out / STAGE_DIRNAME).exists() and not (out / "sub-01" / "anat").exists()
     assert f"interrupted by {sig.name}" in _errors(out, "01")  # its log and report say so
     assert f"interrupted by {sig.name}" in (out / "sub-01.html").read_text()
@@ -296,3 +298,75 @@ def test_a_second_signal_is_ignored_during_cleanup_except_where_it_may_abort(mon
         assert second.value.name == "SIGINT"
         os.kill(os.getpid(), signal.SIGINT)  # ignored again after the block
         time.sleep(0.05)
+
+
+def _two_participants_at_the_inversion(dataset, tmp_path, copy_participant):
+    """Start qsmprep on two participants at once, each with two nipype processes (the
+    U-Net inverts in a worker of each participant's process), and return once both reach
+    the inversion: the process, the output folder and the stderr file."""
+    root = _clone(dataset, tmp_path)
+    copy_participant(root, "01", "02")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [root, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "4",
+            "--inversion", "adaptive-unet", "--device", "cpu", "--omp-nthreads", "1"]  # fmt: skip
+    proc, log = _start_until(
+        args,
+        tmp_path,
+        lambda proc: (
+            len(list(work.glob("sub_0[12]_wf/qsm_*/dipole_inversion"))) == 2
+            and len(descendants(proc.pid)) >= 4
+        ),
+    )
+    return proc, out, log
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
+def test_interrupting_participants_in_parallel_stops_every_process(
+    dataset, tmp_path, copy_participant, sig
+):
+    proc, out, log = _two_participants_at_the_inversion(dataset, tmp_path, copy_participant)
+    processes = descendants(proc.pid)
+    # either way the main process passes the signal on: the participants lead their own groups
+    code = _interrupt(proc, sig, timeout=90)
+    err = log.read_text()
+    assert code == 128 + sig, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"qsmprep: interrupted by {sig.name}: stopped 2 worker"), last
+    assert last.endswith("the logs and reports of sub-01, sub-02 say so"), last
+    _assert_all_end(processes)
+    assert not (out / STAGE_DIRNAME).exists()
+    for sub in ("01", "02"):
+        assert not (out / f"sub-{sub}" / "anat").exists()
+        assert f"interrupted by {sig.name}" in _errors(out, sub)
+        assert f"interrupted by {sig.name}" in (out / f"sub-{sub}.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_a_participant_killed_in_parallel_fails_alone_and_leaves_no_process(
+    dataset, tmp_path, copy_participant
+):
+    proc, out, log = _two_participants_at_the_inversion(dataset, tmp_path, copy_participant)
+    try:
+        victim = min(children(proc.pid))  # the first participant's process
+        workers = descendants(victim)
+        assert workers  # its nipype workers, which the kill leaves without their parent
+        os.kill(victim, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if " failed: " in ln]
+    assert line.startswith("qsmprep: sub-01 failed: its process was killed by SIGKILL"), line
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").is_file()  # the other one
+    assert not (out / "sub-01" / "anat").exists() and not (out / STAGE_DIRNAME).exists()
+    assert "killed by SIGKILL" in _errors(out, "01")  # its log and report say so
+    assert "killed by SIGKILL" in (out / "sub-01.html").read_text()
+    assert not any(alive(pid) for pid in workers), "orphaned worker processes"

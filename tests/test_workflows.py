@@ -65,8 +65,8 @@ def test_embed_init_qsm_wf_in_a_user_workflow(phantom, tmp_path):
     wf.connect(qsm_wf, "outputnode.mask", sink, "qsm.@mask")
     wf.run()
     # --- end of the embedding ---
-    (chi_file,) = (tmp_path / "results" / "qsm").glob("chi_ppm.nii.gz")
-    (mask_file,) = (tmp_path / "results" / "qsm").glob("mask_chi.nii.gz")
+    (chi_file,) = (tmp_path / "results" / "qsm").glob("chi_ppm.nii")
+    (mask_file,) = (tmp_path / "results" / "qsm").glob("mask_chi.nii")
     img = nb.load(chi_file)
     assert img.shape == chi_true.shape
     np.testing.assert_allclose(img.affine, affine)

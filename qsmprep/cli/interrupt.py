@@ -18,8 +18,9 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 #: Signals that interrupt a run.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -156,3 +157,28 @@ def stop_workers(timeout: float = 10.0) -> int:
             child.kill()
             child.join(1.0)
     return len(children)
+
+
+def stop_processes(processes: list, signum: int, timeout: float = 60.0) -> int:
+    """Pass ``signum`` on to ``processes`` (participants running in parallel, each of which
+    stops its own workers and records the interruption in its log and report), wait up to
+    ``timeout`` seconds for them, then kill those still alive; a further signal kills them
+    at once. Return how many were alive."""
+    alive = [proc for proc in processes if proc.is_alive()]
+    if alive:
+        _pool_broken.append(True)
+    for proc in alive:
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
+    deadline = time.monotonic() + timeout
+    try:
+        with next_signal_aborts():  # by exit status: their workers may hold their sentinels
+            while any(proc.exitcode is None for proc in alive) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    except Interrupted:
+        pass
+    for proc in alive:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+    return len(alive)

@@ -5,7 +5,9 @@ of the selected participants and writes a BIDS derivatives dataset to OUTPUT_DIR
 Each participant runs as its own nipype workflow, so one failure never loses another
 participant's outputs, and each run's outputs land together once all are written; then
 the participant's log folder and report are written from what OUTPUT_DIR holds
-(:mod:`qsmprep.cli.reporting`), also when it failed or was interrupted.
+(:mod:`qsmprep.cli.reporting`), also when it failed or was interrupted. With processes
+to spare, several participants run at once, each in its own process
+(:mod:`qsmprep.cli.parallel`).
 ``qsmprep BIDS_DIR OUTPUT_DIR group`` runs the group level (:mod:`qsmprep.cli.group`).
 Exit codes (BIDS-Apps draft): 0 all done, 1 a participant failed (the others are
 written), 2 qsmprep's own error, 16 the input dataset is not valid BIDS, 18 nothing
@@ -29,7 +31,8 @@ import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ from .interrupt import (
     status_callback,
     stop_workers,
 )
+from .parallel import Plan
 
 logger = logging.getLogger("qsmprep")
 
@@ -137,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bids-validation",
         action="store_true",
         default=None,
-        help="do not check the input with bids-validator-deno",
+        help="do not check the input with bids-validator-deno (which checks only the "
+        "selected participants' runs and the dataset's own files)",
     )
     g.add_argument(
         "--megre-suffix",
@@ -301,12 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="nipype working directory; re-running with it resumes (default: ./work)",
     )
-    g.add_argument("--nprocs", type=int, metavar="N", help="processes (default: all CPUs)")
     g.add_argument(
-        "--omp-nthreads", type=int, metavar="N", help="threads per process (default: nprocs)"
+        "--nprocs",
+        type=int,
+        metavar="N",
+        help="processes (default: all CPUs); several participants run at once, each in its "
+        "own process with an equal share of N (and of the memory), as many as N and the "
+        "memory allow (one at a time with --use-plugin or the U-Net on a GPU)",
     )
     g.add_argument(
-        "--mem-gb", type=float, metavar="GB", help="memory limit for the scheduler, in GB"
+        "--omp-nthreads",
+        type=int,
+        metavar="N",
+        help="threads per process (default: nprocs; at most a participant's share of nprocs)",
+    )
+    g.add_argument(
+        "--mem-gb",
+        type=float,
+        metavar="GB",
+        help="memory limit for the scheduler, in GB (default: 90%% of the RAM), shared out "
+        "among the participants running at once",
     )
     g.add_argument(
         "--mem",
@@ -327,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="stop at the first failing step, without running the other steps or "
-        "participants (default: go on and report every failure at the end)",
+        "participants (participants already running beside it finish) (default: go on and "
+        "report every failure at the end)",
     )
     g.add_argument(
         "--clean-workdir",
@@ -429,8 +449,12 @@ def _short_crash_report(record: logging.LogRecord) -> bool:
     return True
 
 
-def validate_bids(bids_dir: Path) -> list[str]:
-    """Run ``bids-validator-deno`` on ``bids_dir`` offline; return its error messages."""
+def validate_bids(bids_dir: Path, scope: Container[str] | None = None) -> list[str]:
+    """Run ``bids-validator-deno`` on ``bids_dir`` offline; return its error messages.
+
+    With a ``scope`` (e.g. a :class:`~qsmprep.bids.SelectionScope`), only the errors about
+    files in it (paths relative to the dataset) or about no file count; the others are
+    counted in the log."""
     exe = Path(sys.executable).with_name("bids-validator-deno")
     exe = str(exe) if exe.exists() else shutil.which("bids-validator-deno")
     if exe is None:
@@ -447,13 +471,19 @@ def validate_bids(bids_dir: Path) -> list[str]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return [f"bids-validator-deno failed (exit {proc.returncode}): {tail[0]}"]
     issues = report.get("issues", {}).get("issues", [])
-    errors = []
+    errors, ignored = [], 0
     for issue in issues:
         if issue.get("severity") != "error":
+            continue
+        if scope is not None and issue.get("location") and issue["location"] not in scope:
+            ignored += 1
             continue
         code = issue.get("code", "ERROR")
         sub = f" ({issue['subCode']})" if issue.get("subCode") else ""
         errors.append(f"{code}{sub}: {issue.get('location', '')}")
+    if ignored:
+        logger.info("bids-validator-deno: %d error(s) in files outside the selection ignored",
+                    ignored)  # fmt: skip
     return errors
 
 
@@ -756,6 +786,7 @@ class _Session:
         self.crash_dir: Path | None = None
         self.stage_dir: Path | None = None
         self.current: _Participant | None = None
+        self.pool = None  # parallel.ParticipantPool, when participants run in parallel
 
     def remove_staged(self) -> None:
         if self.stage_dir is None:
@@ -772,6 +803,9 @@ class _Session:
         from . import reporting
 
         current, self.current = self.current, None
+        if self.pool is not None and self.pool.stopped:
+            subs = ", ".join(f"sub-{s}" for s in self.pool.stopped)
+            return f"; the logs and reports of {subs} say so"
         if current is None or self.cfg is None:
             return ""
         sub = f"sub-{current.subject}"
@@ -812,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 session.remove_staged()
         except Interrupted as e:
-            workers = stop_workers()
+            workers = stop_workers() + len(session.pool.stopped if session.pool else [])
             session.remove_staged()
             recorded = session.record_interruption(e)
             stopped = f"stopped {workers} worker process(es), " if workers else ""
@@ -845,6 +879,7 @@ def _main(argv: list[str] | None, session: _Session) -> int:
 
     from ..bids import (
         BIDSError,
+        SelectionScope,
         check_filters,
         collect_fieldmap_runs,
         collect_runs,
@@ -854,19 +889,6 @@ def _main(argv: list[str] | None, session: _Session) -> int:
     from ..workflows.base import STAGE_DIRNAME
 
     collect = collect_fieldmap_runs if cfg.workflow.input_type == "fieldmap" else collect_runs
-
-    if not ex.skip_bids_validation:
-        logger.info("validating %s with bids-validator-deno", ex.bids_dir)
-        errors = validate_bids(ex.bids_dir)
-        if errors:
-            print(f"qsmprep: {ex.bids_dir} is not valid BIDS ({len(errors)} error(s)):",
-                  file=sys.stderr)  # fmt: skip
-            for err in errors[:MAX_LISTED_ISSUES]:
-                print(f"  {err}", file=sys.stderr)
-            if len(errors) > MAX_LISTED_ISSUES:
-                print(f"  ... and {len(errors) - MAX_LISTED_ISSUES} more", file=sys.stderr)
-            print("Fix the dataset or pass --skip-bids-validation.", file=sys.stderr)
-            return EXIT_INVALID
 
     try:
         layout = load_layout(ex.bids_dir)
@@ -900,6 +922,26 @@ def _main(argv: list[str] | None, session: _Session) -> int:
             selected[subject] = runs
         else:
             logger.warning("sub-%s: no multi-echo GRE run selected; skipped", subject)
+    if not ex.skip_bids_validation:
+        # only the selection counts: a broken participant that was not selected (or a run
+        # that the filters leave out) must not block the others
+        scope = SelectionScope.of(
+            ex.bids_dir,
+            [run for runs in selected.values() for run in runs],
+            ex.session_label,
+            whole=list(failures),
+        )
+        logger.info("validating %s with bids-validator-deno (the selection)", ex.bids_dir)
+        errors = validate_bids(ex.bids_dir, scope)
+        if errors:
+            print(f"qsmprep: {ex.bids_dir} is not valid BIDS ({len(errors)} error(s)):",
+                  file=sys.stderr)  # fmt: skip
+            for err in errors[:MAX_LISTED_ISSUES]:
+                print(f"  {err}", file=sys.stderr)
+            if len(errors) > MAX_LISTED_ISSUES:
+                print(f"  ... and {len(errors) - MAX_LISTED_ISSUES} more", file=sys.stderr)
+            print("Fix the dataset or pass --skip-bids-validation.", file=sys.stderr)
+            return EXIT_INVALID
     if not selected and not failures:
         suffixes = ex.bids_filters.get("suffix", SUFFIXES)
         suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
@@ -946,34 +988,58 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         reporting.finish_participant(cfg, subject, [], log, lines)
         session.current = None
     session.stage_dir = ex.output_dir / STAGE_DIRNAME / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    processed: list[str] = []
-    for subject, runs in selected.items():
-        t0 = time.perf_counter()
-        processed.append(subject)
-        current = _Participant(subject, runs, reporting.start_participant_log(cfg, subject, argv))
-        session.current = current
-        logger.info("sub-%s: %d run(s)", subject, len(runs))
-        stage = session.stage_dir / f"sub-{subject}"
-        current.wf, lines = prepare_participant(cfg, subject, runs, stage)
-        if current.wf is not None:
-            lines = run_participant(cfg, subject, runs, current.wf)
-        shutil.rmtree(stage, ignore_errors=True)  # what a failed run left staged
-        if lines:
-            failures[subject] = lines
-        else:
-            logger.info("sub-%s: done in %.0f s", subject, time.perf_counter() - t0)
-        # the run's outputs are committed (or kept as they were): the report reads them
-        current.writing_report = True
-        reporting.finish_participant(cfg, subject, runs, current.log, lines, current.wf)
-        session.current = None
-        if lines and ex.stop_on_first_crash:
-            rest = [s for s in selected if s not in processed]
-            if rest:
-                logger.warning(
-                    "stopped at the first failure (--stop-on-first-crash); not processed: %s",
-                    ", ".join(f"sub-{s}" for s in rest),
-                )
-            break
+    how = _plan(cfg, selected)
+    if how.parallel > 1:
+        from .parallel import ParticipantPool
+
+        memory = "" if how.mem_gb is None else f" and {how.mem_gb:.1f} GB"
+        logger.info(
+            "%d of %d participants at a time, each in its own process with %d nipype "
+            "process(es), %d thread(s) per process%s",
+            how.parallel,
+            len(selected),
+            how.nprocs,
+            how.threads,
+            memory,
+        )
+        share = replace(
+            cfg,
+            resources=replace(
+                cfg.resources, nprocs=how.nprocs, omp_nthreads=how.threads, mem_gb=how.mem_gb
+            ),
+        )
+
+        def target(subject: str) -> list[str]:
+            stage = session.stage_dir / f"sub-{subject}"
+            return _participant_main(cfg, share, subject, selected[subject], argv, stage)
+
+        session.pool = ParticipantPool(target, how.parallel)
+        results, rest = session.pool.run(list(selected), ex.stop_on_first_crash)
+        processed = list(results)
+        failures.update({subject: lines for subject, lines in results.items() if lines})
+        for subject in session.pool.died:  # killed: a log folder and report say so
+            log = reporting.start_participant_log(cfg, subject, argv, started)
+            session.current = _Participant(subject, selected[subject], log, writing_report=True)
+            reporting.finish_participant(cfg, subject, selected[subject], log, results[subject])
+            session.current = None
+    else:
+        processed, rest = [], []
+        for subject, runs in selected.items():
+            processed.append(subject)
+            stage = session.stage_dir / f"sub-{subject}"
+            lines = _process_participant(cfg, cfg, subject, runs, argv, session, stage)
+            if lines:
+                failures[subject] = lines
+                if ex.stop_on_first_crash:
+                    rest = [s for s in selected if s not in processed]
+                    break
+    if rest:
+        running = " (the participants already running finished)" if how.parallel > 1 else ""
+        logger.warning(
+            "stopped at the first failure (--stop-on-first-crash)%s; not processed: %s",
+            running,
+            ", ".join(f"sub-{s}" for s in rest),
+        )
 
     done = [s for s in processed if s not in failures]
     if done:
@@ -983,6 +1049,97 @@ def _main(argv: list[str] | None, session: _Session) -> int:
         for line in lines:
             print(f"qsmprep: sub-{subject} failed: {line}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _plan(cfg: Config, selected: dict[str, list]) -> Plan:
+    """How many of the ``selected`` participants run at once, and with what (see
+    :func:`qsmprep.cli.parallel.plan`): one at a time under a nipype plugin file (the plugin
+    decides), and with the U-Net on a GPU (one GPU's memory is not shared out)."""
+    from ..workflows.base import estimate_mem_gb
+    from .parallel import plan
+
+    res, wf_cfg = cfg.resources, cfg.workflow
+    peak = max(
+        (
+            estimate_mem_gb(run.shape, max(1, len(run.echo_times)))
+            for runs in selected.values()
+            for run in runs
+        ),
+        default=0.0,
+    )
+    allowed = not res.plugin
+    if allowed and wf_cfg.inversion == "adaptive-unet" and wf_cfg.device != "cpu":
+        import torch
+
+        allowed = not torch.cuda.is_available()
+    return plan(len(selected), res.nprocs, res.threads, res.mem_gb, peak, allowed=allowed)
+
+
+def _process_participant(
+    cfg: Config,
+    share: Config,
+    subject: str,
+    runs: list,
+    argv: list[str],
+    session: _Session,
+    stage: Path,
+) -> list[str]:
+    """Process one participant: its log folder, its workflow (run with the resources of
+    ``share``; outputs staged in ``stage``, each run's committed once complete) and its
+    report; return its failure lines (empty: success). ``session.current`` names it while
+    it runs, for an interruption."""
+    from . import reporting
+
+    t0 = time.perf_counter()
+    current = _Participant(subject, runs, reporting.start_participant_log(cfg, subject, argv))
+    session.current = current
+    logger.info("sub-%s: %d run(s)", subject, len(runs))
+    if share is not cfg:
+        res = share.resources
+        memory = "" if res.mem_gb is None else f" and {res.mem_gb:.1f} GB"
+        logger.info(
+            "sub-%s: beside other participants, with %d nipype process(es), %d thread(s) per "
+            "process%s",
+            subject,
+            res.nprocs,
+            res.threads,
+            memory,
+        )
+    current.wf, lines = prepare_participant(share, subject, runs, stage)
+    if current.wf is not None:
+        lines = run_participant(share, subject, runs, current.wf)
+    shutil.rmtree(stage, ignore_errors=True)  # what a failed run left staged
+    if not lines:
+        logger.info("sub-%s: done in %.0f s", subject, time.perf_counter() - t0)
+    # the runs' outputs are committed (or kept as they were): the report reads them
+    current.writing_report = True
+    reporting.finish_participant(cfg, subject, runs, current.log, lines, current.wf)
+    session.current = None
+    return lines
+
+
+def _participant_main(
+    cfg: Config, share: Config, subject: str, runs: list, argv: list[str], stage: Path
+) -> list[str]:
+    """One participant in its own process (participants in parallel): like :func:`main`
+    for one participant, a signal stops its worker processes, removes its staged outputs
+    and is recorded in its log and report; an unexpected error fails only this
+    participant, with a crash file. Returns the failure lines."""
+    session = _Session()
+    session.cfg, session.crash_dir = cfg, cfg.execution.work_dir / "crash"
+    with handle_signals():
+        try:
+            try:
+                return _process_participant(cfg, share, subject, runs, argv, session, stage)
+            except Exception as e:
+                return [_unexpected("processing the participant", e, _crash_dir(cfg, subject))]
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        except Interrupted as e:
+            stop_workers()
+            shutil.rmtree(stage, ignore_errors=True)
+            session.record_interruption(e)
+            return [f"interrupted by {e.name}"]
 
 
 def _output_subjects(cfg: Config) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ NONSTANDARD_ENTITY_PATTERNS = tuple(
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="image to store")
+    in_file = File(exists=True, mandatory=True, desc="image to store (.nii or .nii.gz)")
     base_directory = traits.Directory(mandatory=True, desc="derivatives dataset root")
     out_path = traits.Str(mandatory=True, desc="path relative to base_directory (.nii.gz)")
     metadata = traits.Dict(traits.Str, traits.Any, usedefault=True, desc="sidecar content")
@@ -86,8 +87,8 @@ class DerivativesSink(SimpleInterface):
         if rel.is_absolute() or ".." in rel.parts or not rel.name.endswith(".nii.gz"):
             raise ValueError(f"out_path must be a relative .nii.gz path, not {rel}")
         src = Path(self.inputs.in_file)
-        if not src.name.endswith(".nii.gz"):
-            raise ValueError(f"in_file must be a compressed NIfTI (.nii.gz), not {src.name}")
+        if not src.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"in_file must be a NIfTI (.nii or .nii.gz), not {src.name}")
         out = Path(self.inputs.base_directory) / rel
         meta = dict(self.inputs.metadata)
         if isdefined(self.inputs.extra_meta):
@@ -97,7 +98,13 @@ class DerivativesSink(SimpleInterface):
         if isdefined(self.inputs.metadata_file):
             meta = merge_metadata(meta, json.loads(Path(self.inputs.metadata_file).read_text()))
         sidecar = out.with_name(out.name[: -len(".nii.gz")] + ".json")
-        atomic_write_bytes(src.read_bytes(), out)
+        data = src.read_bytes()
+        if src.name.endswith(".nii"):
+            # the work directory keeps images uncompressed (a 4D 1 mm image takes 5 s to
+            # gzip); outputs are compressed once, here (level 1, as nibabel; no timestamp,
+            # so that re-runs are byte-identical)
+            data = gzip.compress(data, compresslevel=1, mtime=0)
+        atomic_write_bytes(data, out)
         atomic_write_json(meta, sidecar)
         self._results["out_file"] = str(out)
         self._results["out_meta"] = str(sidecar)

@@ -123,10 +123,10 @@ class PrepareEchoes(SimpleInterface):
         _report_non_finite(bad, filled, f"run of {name}", "phase or magnitude")
         cwd = runtime.cwd
         self._results["out_valid"] = save_like(
-            ~bad, ref_img, os.path.join(cwd, "valid.nii.gz"), dtype=np.uint8
+            ~bad, ref_img, os.path.join(cwd, "valid.nii"), dtype=np.uint8
         )
-        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii.gz"))
-        self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii.gz"))
+        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii"))
+        self._results["out_phase"] = save_like(phase, ref_img, os.path.join(cwd, "phase.nii"))
         self._results["side_info"], b0_source = _write_side_info(ref_img, cwd, name)
         self._results["phase_scaling"] = how
         self._results["conventions"] = _write_conventions(
@@ -210,13 +210,13 @@ class PrepareFieldMap(SimpleInterface):
         if self.inputs.units == "rad/s":
             field = field / np.float32(2 * np.pi)
         cwd = runtime.cwd
-        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii.gz"))
+        self._results["out_mag"] = save_like(mag, ref_img, os.path.join(cwd, "mag.nii"))
         self._results["total_field"] = save_like(
-            field, ref_img, os.path.join(cwd, "total_field_hz.nii.gz")
+            field, ref_img, os.path.join(cwd, "total_field_hz.nii")
         )
         self._results["side_info"], b0_source = _write_side_info(ref_img, cwd, name)
         self._results["out_valid"] = save_like(
-            ~bad, ref_img, os.path.join(cwd, "valid.nii.gz"), dtype=np.uint8
+            ~bad, ref_img, os.path.join(cwd, "valid.nii"), dtype=np.uint8
         )
         self._results["conventions"] = _write_conventions(
             cwd, NonFiniteVoxels=int(bad.sum()), B0DirectionSource=b0_source
@@ -285,7 +285,7 @@ class BrainMask(SimpleInterface):
         if not mask.any():
             raise ValueError(f"the {self.inputs.method} brain mask is empty")
         self._results["out_mask"] = save_like(
-            mask, img, os.path.join(runtime.cwd, "mask.nii.gz"), dtype=np.uint8
+            mask, img, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
         )
         return runtime
 
@@ -314,7 +314,7 @@ class UserMask(SimpleInterface):
         if not mask.any():
             raise ValueError(f"mask {os.path.basename(self.inputs.in_mask)} is empty")
         self._results["out_mask"] = save_like(
-            mask, ref, os.path.join(runtime.cwd, "mask.nii.gz"), dtype=np.uint8
+            mask, ref, os.path.join(runtime.cwd, "mask.nii"), dtype=np.uint8
         )
         return runtime
 
@@ -389,14 +389,14 @@ class FieldMap(SimpleInterface):
             with stage("echo fit", runtime.cwd):
                 field_hz = fit_field(unwrapped, mag, tes, mask=mask, with_offset=len(tes) > 1)
         self._results["total_field"] = save_like(
-            field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
+            field_hz, img, os.path.join(runtime.cwd, "total_field_hz.nii")
         )
         self._results["unwrapped_last"] = save_like(
-            unwrapped[..., -1], img, os.path.join(runtime.cwd, "unwrapped_last_echo.nii.gz")
+            unwrapped[..., -1], img, os.path.join(runtime.cwd, "unwrapped_last_echo.nii")
         )
         if quality is not None:
             self._results["quality"] = save_like(
-                quality, img, os.path.join(runtime.cwd, "quality.nii.gz")
+                quality, img, os.path.join(runtime.cwd, "quality.nii")
             )
         return runtime
 
@@ -436,7 +436,7 @@ class FillField(SimpleInterface):
         field_hz, img = load(self.inputs.total_field)
         filled = fill_from_neighbours(field_hz, valid)
         self._results["total_field"] = save_like(
-            filled, img, os.path.join(runtime.cwd, "total_field_hz.nii.gz")
+            filled, img, os.path.join(runtime.cwd, "total_field_hz.nii")
         )
         return runtime
 
@@ -483,10 +483,10 @@ class FieldReliability(SimpleInterface):
             raise ValueError("no reliable voxel in the brain mask")
         cwd = runtime.cwd
         self._results["reliability"] = save_like(
-            np.where(mask, weight, 0), img, os.path.join(cwd, "reliability.nii.gz")
+            np.where(mask, weight, 0), img, os.path.join(cwd, "reliability.nii")
         )
         self._results["out_mask"] = save_like(
-            mask, img, os.path.join(cwd, "mask_reliable.nii.gz"), dtype=np.uint8
+            mask, img, os.path.join(cwd, "mask_reliable.nii"), dtype=np.uint8
         )
         return runtime
 
@@ -543,10 +543,10 @@ class BackgroundRemoval(SimpleInterface):
             raise ValueError(f"no voxel left in the mask after {self.inputs.method}")
         cwd = runtime.cwd
         self._results["local_field"] = save_like(
-            np.where(mask_used, local, 0), img, os.path.join(cwd, "local_field_ppm.nii.gz")
+            np.where(mask_used, local, 0), img, os.path.join(cwd, "local_field_ppm.nii")
         )
         self._results["out_mask"] = save_like(
-            mask_used, img, os.path.join(cwd, "mask_local.nii.gz"), dtype=np.uint8
+            mask_used, img, os.path.join(cwd, "mask_local.nii"), dtype=np.uint8
         )
         return runtime
 
@@ -655,9 +655,9 @@ class DipoleInversion(SimpleInterface):
                 chi = invert(local, mask, side.voxel_size, side.b0_direction, method, **params)
             chi = reference(chi, mask)
         cwd = runtime.cwd
-        self._results["chi_map"] = save_like(chi, img, os.path.join(cwd, "chi_ppm.nii.gz"))
+        self._results["chi_map"] = save_like(chi, img, os.path.join(cwd, "chi_ppm.nii"))
         self._results["out_mask"] = save_like(
-            mask, img, os.path.join(cwd, "mask_chi.nii.gz"), dtype=np.uint8
+            mask, img, os.path.join(cwd, "mask_chi.nii"), dtype=np.uint8
         )
         self._results["record"] = os.path.join(cwd, "inversion_record.json")
         with open(self._results["record"], "w") as f:
@@ -727,9 +727,9 @@ class Relaxometry(SimpleInterface):
         with stage(f"R2* fit ({self.inputs.method})", runtime.cwd):
             r2s = fit(_as_4d(mag), self.inputs.echo_times, mask)
         cwd = runtime.cwd
-        self._results["r2star"] = save_like(r2s, img, os.path.join(cwd, "r2star.nii.gz"))
+        self._results["r2star"] = save_like(r2s, img, os.path.join(cwd, "r2star.nii"))
         self._results["t2star"] = save_like(
-            t2star_from_r2star(r2s, mask=mask), img, os.path.join(cwd, "t2star.nii.gz")
+            t2star_from_r2star(r2s, mask=mask), img, os.path.join(cwd, "t2star.nii")
         )
         return runtime
 
@@ -779,6 +779,6 @@ class SWI(SimpleInterface):
             )
             projection = minip(image, side.voxel_size)
         cwd = runtime.cwd
-        self._results["swi"] = save_like(image, img, os.path.join(cwd, "swi.nii.gz"))
-        self._results["minip"] = save_like(projection, img, os.path.join(cwd, "minip.nii.gz"))
+        self._results["swi"] = save_like(image, img, os.path.join(cwd, "swi.nii"))
+        self._results["minip"] = save_like(projection, img, os.path.join(cwd, "minip.nii"))
         return runtime
