@@ -1,6 +1,6 @@
-"""What the benchmark scripts share: grid presets, memory readings, the head phantom's
-fields, the timed call, the worker subprocess, and the options and method loop of the
-per-stage benchmarks.
+"""What the benchmark scripts share: the QSM.rs peer, grid presets, memory readings, the
+head phantom's fields, the timed call, the worker subprocess, and the options and method
+loop of the per-stage benchmarks.
 
 The scripts import it as ``from _common import ...``: ``python benchmarks/bench_x.py``
 puts this folder first on ``sys.path`` (for the script and for its worker subprocesses).
@@ -19,6 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+#: The peer: QSM.rs's driver and BIDS runner (see their README), next to the repository.
+PEER = Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "qsmrs"
+PEER_NAME = "QSM.rs (d2a6920), QSMxT 9 stage defaults"
 
 #: Voxel sizes (mm) of the head phantom's grid by preset name.
 PRESETS = {"1mm": (1.0, 1.0, 1.0), "2mm": (2.0, 2.0, 2.0), "small": (4.0, 4.0, 4.0)}

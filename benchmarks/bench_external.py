@@ -48,10 +48,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-PEER = HERE.parent.parent / "shared" / "tools" / "qsmrs"
-PEER_NAME = "QSM.rs (d2a6920), QSMxT 9 stage defaults"
+from _common import PEER, PEER_NAME
 
 #: Cases that score accuracy (the 1 mm case is for timing).
 ACCURACY_CASES = ("axial", "oblique", "aniso", "7t", "cylinders")
@@ -249,8 +246,6 @@ def peer_pipeline(folder: Path) -> tuple[Path, float]:
 
 def stage_inversion(name: str, folder: Path, truth: dict, threads: int, peer: bool) -> list:
     """(a) every inversion of the true local field in the true mask."""
-    from _common import status_mb  # noqa: F401  (sys.path check: run as a script)
-
     mask = truth["brain"]
     local = np.where(mask, truth["local"], 0).astype(np.float32)
     rows = []

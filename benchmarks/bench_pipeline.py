@@ -37,12 +37,9 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
+from _common import PEER, PEER_NAME
 
 from qsmprep.qsm.metrics import nrmse
-
-#: The peer: QSM.rs's command-line driver (see its README), next to the repository.
-PEER = Path(__file__).absolute().parent.parent.parent / "shared" / "tools" / "qsmrs"
-PEER_NAME = "QSM.rs (d2a6920), QSMxT 9 stage defaults"
 
 #: Stage groups of the side-by-side table: name -> (qsmprep log labels, peer output labels).
 STAGES = {
