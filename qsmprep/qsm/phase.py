@@ -279,16 +279,13 @@ def mcpc3ds(
     amp = np.where(good, weight, np.float32(0))
     sigma = sigma_mm / vs
 
-    def smooth(angle: np.ndarray) -> np.ndarray:
-        return smooth_angle(angle, amp, sigma)
-
     def offset_of(evolution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The raw offset and its smoothed version (with twicing)."""
         raw = np.where(good, first_echo - evolution * ratio, np.float32(0))
-        first = smooth(raw)
+        first = smooth_angle(raw, amp, sigma)
         # a second pass on the residual ("twicing") removes most of the smoothing bias
         # where the offset curves and at the mask's edge, where the kernel sees one side
-        return raw, first + smooth(wrap(raw - first))
+        return raw, first + smooth_angle(wrap(raw - first), amp, sigma)
 
     raw, smoothed = offset_of(evolution)
     steps = np.arange(-2, 3, dtype=np.float32)
@@ -323,21 +320,26 @@ def smooth_angle(angle: np.ndarray, amp: np.ndarray, sigma: Sequence[float]) -> 
     """
     sig = np.asarray(sigma, dtype=float)
     f = np.maximum(1, np.floor(sig / 2)).astype(np.int64)
-    parts = []
-    for trig in (np.cos, np.sin):
-        x = amp * trig(angle)
-        if np.all(f == 1):
-            parts.append(ndimage.gaussian_filter(x, sig, mode="nearest", truncate=3.0))
-            continue
-        x = np.pad(x, [(0, -n % k) for n, k in zip(x.shape, f, strict=True)], mode="edge")
-        blocks = np.zeros([n // k for n, k in zip(x.shape, f, strict=True)], np.float32)
-        for offset in np.ndindex(*f):
-            blocks += x[tuple(slice(o, None, k) for o, k in zip(offset, f, strict=True))]
-        blocks /= np.float32(np.prod(f))
+    if np.all(f == 1):
+
+        def smooth(x: np.ndarray) -> np.ndarray:
+            return ndimage.gaussian_filter(x, sig, mode="nearest", truncate=3.0)
+
+    else:
+        pad = [(0, -n % k) for n, k in zip(angle.shape, f, strict=True)]
         rest = np.sqrt(np.maximum(sig**2 - (f**2 - 1) / 12, 0.25)) / f
-        blocks = ndimage.gaussian_filter(blocks, rest, mode="nearest", truncate=3.0)
-        parts.append(_upsample_linear(blocks, angle.shape, f))
-    return np.arctan2(parts[1], parts[0]).astype(np.float32, copy=False)
+
+        def smooth(x: np.ndarray) -> np.ndarray:
+            x = np.pad(x, pad, mode="edge")
+            blocks = np.zeros([n // k for n, k in zip(x.shape, f, strict=True)], np.float32)
+            for offset in np.ndindex(*f):
+                blocks += x[tuple(slice(o, None, k) for o, k in zip(offset, f, strict=True))]
+            blocks /= np.float32(np.prod(f))
+            blocks = ndimage.gaussian_filter(blocks, rest, mode="nearest", truncate=3.0)
+            return _upsample_linear(blocks, angle.shape, f)
+
+    im, re = smooth(amp * np.sin(angle)), smooth(amp * np.cos(angle))
+    return np.arctan2(im, re).astype(np.float32, copy=False)
 
 
 def _upsample_linear(a: np.ndarray, shape: Sequence[int], f: np.ndarray) -> np.ndarray:
