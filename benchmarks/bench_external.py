@@ -72,6 +72,7 @@ def simulate_own(name: str, out: Path) -> Path:
     """A case of qsmprep's own phantom in the layout of ``external_heads.simulate``."""
     import external_heads as heads
 
+    from qsmprep.qsm.phase import hz_to_ppm
     from qsmprep.sim import make_head_phantom, simulate_megre
 
     folder = out / name
@@ -95,7 +96,7 @@ def simulate_own(name: str, out: Path) -> Path:
         folder / "truth.npz",
         chi=sim.chi,
         local=sim.local_field_ppm,
-        total=sim.total_field_hz / (42.577478 * 3.0),
+        total=hz_to_ppm(sim.total_field_hz, 3.0),
         brain=sim.mask.astype(bool),
         labels=np.where(sim.mask, 8, 0).astype(np.uint8),  # not qsm-ci's label scheme
         b0_dir=np.asarray(sim.b0_dir),
