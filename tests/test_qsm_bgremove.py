@@ -256,6 +256,65 @@ def test_pdf_rejects_wrong_voxels_and_fits_again(heads):
     assert _nrmse(robust, local, keep) < 0.5 * _nrmse(naive, local, keep)
 
 
+@pytest.fixture(scope="module")
+def fine_head():
+    """The oblique head at 1 mm, where PDF runs its coarse stage on 2 mm blocks."""
+    return (*_head((1.0, 1.0, 1.0), OBLIQUE_B0), tuple(OBLIQUE_B0))
+
+
+def test_pdf_coarse_factors():
+    assert bgremove.pdf_coarse_factors((1.0, 1.0, 1.0)) == (2, 2, 2)
+    assert bgremove.pdf_coarse_factors((1.0, 1.0, 2.0)) == (2, 2, 1)
+    assert bgremove.pdf_coarse_factors((0.5, 0.7, 1.5)) == (4, 2, 1)
+    assert bgremove.pdf_coarse_factors((1.5, 2.0, 3.0)) == (1, 1, 1)
+
+
+def test_block_sums_and_copies():
+    x = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
+    s = bgremove._block_sum(x, (2, 2, 1))
+    assert s.shape == (3, 2, 3)
+    assert s[0, 0, 0] == x[:2, :2, 0].sum() and s[2, 1, 2] == x[4, 2:, 2].sum()  # padded
+    assert s.sum() == pytest.approx(x.sum())
+    assert bgremove._block_any(x > 57, (2, 2, 1)).sum() == 2  # 58 and 59: one block each
+    back = bgremove._unblock(s, (2, 2, 1), x.shape)
+    assert back.shape == x.shape and back[1, 1, 0] == s[0, 0, 0] and back[4, 3, 2] == s[2, 1, 2]
+
+
+def test_pdf_coarse_stage_on_small_voxels(fine_head):
+    """The coarse stage (2 mm blocks, then 10 full-resolution iterations) recovers the
+    local field at least as well as the fit at full resolution and removes the
+    background as completely."""
+    local, background, mask, vs, b0 = fine_head
+    total = (local + background) * mask
+    staged, used = bgremove.pdf(total, mask, vs, b0)
+    full, used_full = bgremove.pdf(total, mask, vs, b0, coarse=False)
+    assert (used == mask).all() and (used_full == mask).all()  # nothing to reject
+    # measured: 30.8 % staged, 33.1 % at full resolution
+    assert _nrmse(staged, local, mask) < _nrmse(full, local, mask) + 3
+    assert _nrmse(staged, local, mask) < 0.8 * BOUNDS["pdf"]
+    assert abs(_background_left(staged, background, mask)) < 0.01
+
+
+def test_pdf_coarse_stage_rejects_wrong_voxels(fine_head):
+    """Rejection runs on the blocks (a wrong voxel's block leaves the mask) and once more
+    at full resolution."""
+    local, background, mask, vs, b0 = fine_head
+    total = (local + background) * mask
+    rng = np.random.default_rng(0)
+    rim = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    idx = tuple(a[rng.choice(a.size, 40, replace=False)] for a in np.nonzero(rim))
+    wrong = np.zeros_like(mask)
+    wrong[idx] = True
+    corrupt = np.where(wrong, total + np.float32(2.0), total)
+    naive, _ = bgremove.pdf(corrupt, mask, vs, b0, reject=None)
+    robust, used = bgremove.pdf(corrupt, mask, vs, b0)
+    assert not (used & wrong).any()
+    assert used.sum() >= mask.sum() - 8 * 40  # at most the 40 blocks (measured: 159 voxels)
+    assert np.all(robust[~used] == 0)
+    # measured: 40 % robust, 68 % naive
+    assert _nrmse(robust, local, used) < 0.7 * _nrmse(naive, local, used)
+
+
 def test_registry():
     assert set(bgremove.METHODS) == {"vsharp", "pdf", "lbv", "ismv"}
 

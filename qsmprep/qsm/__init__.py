@@ -12,3 +12,15 @@ Conventions shared by every module here:
 - FFTs go through :mod:`scipy.fft`; wrap calls in ``scipy.fft.set_workers(n)`` to
   use ``n`` threads.
 """
+
+import os
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    import numba
+
+    # numba picks GNU OpenMP where TBB is missing, and a process that has run a parallel
+    # kernel on it cannot fork (the child aborts): nipype's MultiProc, participants run in
+    # parallel and embedding pipelines fork. The fork-safe layers (TBB, else numba's
+    # workqueue) are as fast on these kernels; workqueue must not be entered by two
+    # threads of one process at once, which qsmprep never does.
+    numba.config.THREADING_LAYER = "forksafe"

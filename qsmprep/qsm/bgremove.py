@@ -54,6 +54,10 @@ VSHARP_MAX_KERNELS = 8
 REJECT_PPM = 0.15
 #: PDF: most rounds of rejection and refitting.
 REJECT_ROUNDS = 3
+#: PDF: block size (mm) of the coarse stage on small voxels.
+PDF_COARSE_MM = 2.0
+#: PDF: most CG iterations of each full-resolution fit after the coarse stage.
+PDF_FINE_ITER = 10
 
 
 # --------------------------------------------------------------------------------------
@@ -335,6 +339,12 @@ def vsharp(
 # PDF
 
 
+def pdf_coarse_factors(voxel_size: Sequence[float]) -> tuple[int, ...]:
+    """Per-axis block size of :func:`pdf`'s coarse stage: as many voxels as fit in
+    :data:`PDF_COARSE_MM` (1 where a voxel is over half of it, i.e. no coarse stage)."""
+    return tuple(max(1, int(math.floor(PDF_COARSE_MM / v + 1e-6))) for v in voxel_size)
+
+
 def pdf(
     field: np.ndarray,
     mask: np.ndarray,
@@ -345,6 +355,8 @@ def pdf(
     weight: np.ndarray | None = None,
     margin_mm: float | None = 10.0,
     reject: float | None = REJECT_PPM,
+    coarse: bool = True,
+    fine_iter: int = PDF_FINE_ITER,
     progress: Progress = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Projection onto dipole fields (PDF).
@@ -364,6 +376,15 @@ def pdf(
     ppm. On the heads of ``benchmarks/bench_external.py``, whose edges carry such
     voxels, this brings the chi NRMSE of PDF and TV from 74-109 % to 64-69 %; on
     qsmprep's own phantom it changes it by 2 points at most.
+
+    With ``coarse`` and voxels of at most half :data:`PDF_COARSE_MM` along some axis
+    (:func:`pdf_coarse_factors`), the fit and its rejection rounds run first on blocks
+    of about that size (the field averaged with the weights, the block in the mask when
+    any of its voxels is); the blocks' sources, copied to their voxels, start a fit at
+    full resolution of ``fine_iter`` iterations with one more round of rejection, in
+    which the rejected blocks' voxels keep weight 0. On the external 1 mm heads this
+    takes a third of the time of the fit at full resolution, at the same chi NRMSE or
+    better (docs/benchmarks.md).
 
     Parameters
     ----------
@@ -388,16 +409,20 @@ def pdf(
     weight
         Optional data weights ``(X, Y, Z)`` (e.g. magnitude, or 1 / field noise); default
         uniform inside the mask. Scaled to a mean of 1 inside the mask.
-    reject
-        Outlier rejection threshold in the unit of ``field``: the default is for ppm, as
-        the pipeline passes; None turns it off (e.g. for a field in Hz).
     margin_mm
         The sources live outside the mask within its bounding box grown by this margin
         (mm), which bounds the FFT grid (a few mm of shell represent the harmonic
         background about as well as the whole array); ``None`` uses the whole array.
         The FFT grid is not padded further (circular convolution, as the fit is).
+    reject
+        Outlier rejection threshold in the unit of ``field``: the default is for ppm, as
+        the pipeline passes; None turns it off (e.g. for a field in Hz).
+    coarse
+        Run the coarse stage where the voxels are small enough (see above).
+    fine_iter
+        Most CG iterations of each fit at full resolution after the coarse stage.
     progress
-        Optional callback ``progress(iteration, max_iter)``.
+        Optional callback ``progress(iteration, max_iter)``, called by each fit.
 
     Returns
     -------
@@ -408,8 +433,10 @@ def pdf(
     f, m, vs = _validate(field, mask, voxel_size)
     if b0_dir is None or np.asarray(b0_dir).shape != (3,):
         raise ValueError("pdf needs b0_dir, a 3-vector in voxel axes")
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"tol must be > 0 and max_iter >= 1, got {tol}, {max_iter}")
+    if tol <= 0 or max_iter < 1 or fine_iter < 1:
+        raise ValueError(
+            f"tol must be > 0, max_iter and fine_iter >= 1, got {tol}, {max_iter}, {fine_iter}"
+        )
     if margin_mm is not None and margin_mm < 0:
         raise ValueError(f"margin_mm must be >= 0 or None, got {margin_mm}")
     if reject is not None and not reject > 0:
@@ -422,8 +449,87 @@ def pdf(
             raise ValueError(f"weight shape {w.shape} does not match field shape {m.shape}")
         if not np.isfinite(w[m]).all() or (w[m] < 0).any() or not (w[m] > 0).any():
             raise ValueError("weight must be finite, >= 0 and not all zero inside the mask")
-        w = np.where(m, w / w[m].mean(), np.float32(0)).astype(np.float32)
+        w = np.where(m, w, np.float32(0)).astype(np.float32)
+    rounds = REJECT_ROUNDS if reject is not None else 0
+    k = pdf_coarse_factors(vs)
+    if not coarse or k == (1, 1, 1):
+        local, used, _ = _pdf_fit(
+            f, m, w, vs, b0_dir, tol, max_iter, margin_mm, reject, rounds, progress
+        )
+        return local, used
+    w_sum = _block_sum(w, k)
+    mc = _block_any(m, k) & (w_sum > 0)
+    fc = np.divide(_block_sum(w * f, k), w_sum, out=np.zeros_like(w_sum), where=w_sum > 0)
+    vc = tuple(v * n for v, n in zip(vs, k, strict=True))
+    logger.info(
+        "PDF: coarse stage on %s blocks of %s voxels",
+        "x".join(map(str, mc.shape)),
+        "x".join(map(str, k)),
+    )
+    _, used_c, sources_c = _pdf_fit(
+        fc, mc, w_sum, vc, b0_dir, tol, max_iter, margin_mm, reject, rounds, progress
+    )
+    rejected = _unblock(mc & ~used_c, k, m.shape)
+    sources = _unblock(sources_c, k, m.shape)
+    del sources_c, fc, w_sum
+    logger.info("PDF: full resolution, starting from the coarse sources")
+    local, used, _ = _pdf_fit(
+        f,
+        m,
+        np.where(rejected, np.float32(0), w),
+        vs,
+        b0_dir,
+        tol,
+        fine_iter,
+        margin_mm,
+        reject,
+        min(rounds, 1),
+        progress,
+        sources,
+    )
+    used &= ~rejected
+    return np.where(used, local, np.float32(0)), used
 
+
+def _block_sum(x: np.ndarray, k: Sequence[int]) -> np.ndarray:
+    """Sums of ``x`` over blocks of ``k`` voxels (float32; zero-padded to whole blocks)."""
+    x = np.pad(x, [(0, -n % b) for n, b in zip(x.shape, k, strict=True)])
+    out = np.zeros([n // b for n, b in zip(x.shape, k, strict=True)], np.float32)
+    for o in np.ndindex(*k):
+        out += x[tuple(slice(a, None, b) for a, b in zip(o, k, strict=True))]
+    return out
+
+
+def _block_any(x: np.ndarray, k: Sequence[int]) -> np.ndarray:
+    """Whether any voxel of each block of ``k`` voxels is set."""
+    return _block_sum(x.astype(np.float32), k) > 0
+
+
+def _unblock(x: np.ndarray, k: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Each block's value copied to its ``k`` voxels, cut to ``shape``."""
+    for axis, b in enumerate(k):
+        x = np.repeat(x, b, axis=axis)
+    return np.ascontiguousarray(x[tuple(slice(0, n) for n in shape)])
+
+
+def _pdf_fit(
+    f: np.ndarray,
+    m: np.ndarray,
+    w: np.ndarray,
+    vs: tuple[float, ...],
+    b0_dir: Sequence[float],
+    tol: float,
+    max_iter: int,
+    margin_mm: float | None,
+    reject: float | None,
+    rounds: int,
+    progress: Progress,
+    sources: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pdf`'s fit on one grid, from ``sources`` (``f``'s shape) when given, with up
+    to ``rounds`` rounds of rejection; returns the local field, the mask used and the
+    fitted sources, each of ``f``'s shape (the sources zero beyond the FFT box)."""
+    w = np.where(m, w / w[m].mean(), np.float32(0)).astype(np.float32)
     if margin_mm is None:
         box = (slice(None),) * 3
     else:
@@ -436,6 +542,7 @@ def pdf(
     d = dipole_kernel(shape, vs, b0_dir)
     w2 = pad(w[box] * w[box], shape)
     fc = np.where(mc, f[box], np.float32(0))
+    inner = tuple(slice(0, n) for n in mc.shape)
 
     outside_f = outside.astype(np.float32)
 
@@ -456,19 +563,25 @@ def pdf(
         return np.where(mc, fc - crop(_convolve(x, d), mc.shape), np.float32(0))
 
     x = np.zeros(shape, dtype=np.float32)
+    if sources is not None:
+        x[inner] = np.where(mc, np.float32(0), sources[box])
     local = fit(x)
     used = mc.copy()
-    for _ in range(REJECT_ROUNDS if reject is not None else 0):
+    for _ in range(rounds):
         trusted = used & (crop(w2, mc.shape) > 0)
         wrong = trusted & (np.abs(local - np.median(local[trusted])) > reject)
         if not wrong.any() or wrong.sum() == trusted.sum():
             break
         logger.info("PDF: %d voxels rejected as outliers, fitting again", int(wrong.sum()))
-        w2[tuple(slice(0, n) for n in mc.shape)][wrong] = 0
+        w2[inner][wrong] = 0
         used &= ~wrong
         local = fit(x)
     local = np.where(used, local, np.float32(0))
-    return _uncrop(local, box, m.shape, np.float32), _uncrop(used, box, m.shape, bool)
+    return (
+        _uncrop(local, box, m.shape, np.float32),
+        _uncrop(used, box, m.shape, bool),
+        _uncrop(x[inner], box, m.shape, np.float32),
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -482,38 +482,121 @@ def field_reliability(
         raise ValueError("outlier_fraction must be in (0, 1] and window_mm positive")
     weight = np.ones(f.shape, np.float32)
     if mag is not None and tes.size > 1:
-        mg = np.asarray(mag, dtype=np.float64)
+        mg = np.asarray(mag)
         mg = mg[..., None] if mg.ndim == 3 else mg
         if mg.shape != (*f.shape, tes.size):
             raise ValueError(f"mag shape {mg.shape} does not match {tes.size} echoes of {f.shape}")
-        w = mg * mg
-        s0 = w.sum(axis=-1)
-        st = w @ tes
-        info = w @ (tes * tes) - st * st / np.maximum(s0, 1e-30)
-        sd = 1 / np.sqrt(np.maximum(info, 1e-30))
-        weight = np.clip(np.median(sd[m]) / sd, 0, 1).astype(np.float32)
+        sd = _fit_sd(mg, tes)
+        weight = np.minimum(np.median(sd[m]) / sd, np.float32(1))
     # values off the mask come from the nearest voxel one layer in, so that a wrong voxel
-    # on the mask's border is not copied all around itself
+    # on the mask's border is not copied all around itself; only the samples that reach
+    # the mask's medians are needed: the mask's box grown by a window and a block
     inner = ndimage.binary_erosion(m)
     source = inner if inner.any() else m
-    nearest = ndimage.distance_transform_edt(~source, return_distances=False, return_indices=True)
-    local = _coarse_median(f[tuple(nearest)], vs, window_mm)
+    grow = [int(window_mm // v) + 4 for v in vs]
+    box = tuple(
+        slice(max(0, s.start - g), s.stop + g)
+        for s, g in zip(ndimage.find_objects(m.astype(np.uint8))[0], grow, strict=True)
+    )
+    nearest = ndimage.distance_transform_edt(
+        ~source[box], return_distances=False, return_indices=True
+    )
+    filled = np.zeros_like(f)
+    filled[box] = f[box][tuple(nearest)]
+    local = _coarse_median(filled, vs, window_mm, m)
     outlier = np.abs(f - local) > outlier_fraction / tes[0]
     return np.where(m & ~outlier, weight, np.float32(0)).astype(np.float32)
 
 
-def _coarse_median(x: np.ndarray, voxel_size: Sequence[float], window_mm: float) -> np.ndarray:
+@numba.njit(parallel=True, cache=True)
+def _fit_sd(mag, tes):  # pragma: no cover - numba
+    """``1 / sqrt(sum_e m_e^2 (TE_e - TE_w)^2)`` per voxel (float32; ``TE_w`` the
+    ``m^2``-weighted mean echo time), the echo fit's field noise up to a constant."""
+    nx, ny, nz, ne = mag.shape
+    out = np.empty((nx, ny, nz), np.float32)
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                s0 = st = stt = 0.0
+                for e in range(ne):
+                    w = float(mag[i, j, k, e]) ** 2
+                    s0 += w
+                    st += w * tes[e]
+                    stt += w * tes[e] * tes[e]
+                info = stt - st * st / max(s0, 1e-30)
+                out[i, j, k] = 1.0 / np.sqrt(max(info, 1e-30))
+    return out
+
+
+def _coarse_median(
+    x: np.ndarray, voxel_size: Sequence[float], window_mm: float, where: np.ndarray
+) -> np.ndarray:
     """Median over ``window_mm`` neighbourhoods, taken on a grid of about 2 mm (every
     ``n``-th voxel of a finer grid) and repeated back: the cost of a median of
-    11^3 voxels at 1 mm (minutes) is not needed for a test against a smooth field."""
+    11^3 voxels at 1 mm (minutes) is not needed for a test against a smooth field.
+    Computed only for the samples whose block holds a voxel of ``where`` (0 elsewhere);
+    the same values as ``ndimage.median_filter(..., mode="nearest")`` there."""
     step = [max(1, int(2.0 // v)) for v in voxel_size]
-    coarse = x[tuple(slice(None, None, s) for s in step)]
-    size = [
-        max(3, int(round(window_mm / (v * s))) // 2 * 2 + 1)
+    coarse = np.ascontiguousarray(x[tuple(slice(None, None, s) for s in step)])
+    half = [
+        max(3, int(round(window_mm / (v * s))) // 2 * 2 + 1) // 2
         for v, s in zip(voxel_size, step, strict=True)
     ]
-    med = ndimage.median_filter(coarse, size=size, mode="nearest")
+    need = np.zeros(coarse.shape, bool)
+    for offset in np.ndindex(*step):  # a sample's block: the voxels it is repeated to
+        part = where[tuple(slice(o, None, s) for o, s in zip(offset, step, strict=True))]
+        need[tuple(slice(0, n) for n in part.shape)] |= part
+    med = _window_median(coarse, need, *half)
     for axis, s in enumerate(step):  # back to the fine grid: each sample fills its block
         med = np.repeat(med, s, axis=axis)
-    pad = [(0, max(0, n - m)) for n, m in zip(x.shape, med.shape, strict=True)]
-    return np.pad(med, pad, mode="edge")[: x.shape[0], : x.shape[1], : x.shape[2]]
+    return med[: x.shape[0], : x.shape[1], : x.shape[2]]
+
+
+@numba.njit(cache=True)
+def _select(a, n, k):  # pragma: no cover - numba
+    """The ``k``-th smallest of ``a[:n]`` (Hoare's selection; reorders ``a``)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@numba.njit(parallel=True, cache=True)
+def _window_median(x, need, hx, hy, hz):  # pragma: no cover - numba
+    """Median of the ``(2 hx + 1, 2 hy + 1, 2 hz + 1)`` box around each voxel of ``need``
+    (indices clamped at the edges), 0 elsewhere."""
+    nx, ny, nz = x.shape
+    n = (2 * hx + 1) * (2 * hy + 1) * (2 * hz + 1)
+    out = np.zeros_like(x)
+    for i in numba.prange(nx):
+        buf = np.empty(n, x.dtype)
+        for j in range(ny):
+            for k in range(nz):
+                if not need[i, j, k]:
+                    continue
+                c = 0
+                for a in range(i - hx, i + hx + 1):
+                    ia = min(max(a, 0), nx - 1)
+                    for b in range(j - hy, j + hy + 1):
+                        ib = min(max(b, 0), ny - 1)
+                        for d in range(k - hz, k + hz + 1):
+                            buf[c] = x[ia, ib, min(max(d, 0), nz - 1)]
+                            c += 1
+                out[i, j, k] = _select(buf, n, n // 2)
+    return out

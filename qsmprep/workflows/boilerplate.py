@@ -30,7 +30,8 @@ METHOD_TEXT: Mapping[str, Mapping[str, str]] = {
     "bf_removal": {
         "vsharp": "V-SHARP, spherical mean value filtering with kernels that shrink towards "
         "the mask edge [@li2011vsharp; @wu2012]",
-        "pdf": "projection onto dipole fields (PDF) [@liu2011pdf]",
+        "pdf": "projection onto dipole fields (PDF) [@liu2011pdf] with outlier rejection "
+        "(voxels of 1 mm or less: fitted on 2 mm blocks first)",
         "lbv": "the Laplacian boundary value method (LBV) [@zhou2014lbv]",
         "ismv": "the iterative spherical mean value method (iSMV) [@wen2014ismv]",
     },
