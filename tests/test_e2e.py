@@ -90,7 +90,7 @@ def test_chimap_sidecar(first_run, dataset):
         assert (dataset.root / src[len("bids:raw:") :]).is_file()
     assert len(meta["Sources"]) == 2 * len(meta["EchoTime"])
     assert meta["DipoleInversion"]["Method"] == "tv"
-    assert meta["DipoleInversion"]["Parameters"]["max_iter"] == 35
+    assert meta["DipoleInversion"]["Parameters"]["max_iter"] == 25
     assert meta["Masking"]["Method"] == "quality"
     assert {"Unwrapping", "Masking", "BackgroundFieldRemoval", "Referencing"} <= set(meta)
     assert meta["SideInformation"] == {"VoxelSize": [4.0, 4.0, 4.0], "B0Direction": [0, 0, 1.0]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -10,7 +11,8 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,19 +32,50 @@ class ImageReadError(ValueError):
     """An image file cannot be read (truncated, corrupt, not NIfTI); the message names it."""
 
 
+def read_image(path: str | os.PathLike) -> nb.spatialimages.SpatialImage:
+    """The image at ``path``, read into memory at once.
+
+    A gzipped NIfTI-1 file is inflated in one call, which releases the GIL (images can be
+    read in parallel threads) and takes 2/3 of the time of nibabel's streamed reading;
+    other files go through ``nb.load``.
+    """
+    path = os.fspath(path)
+    if path.endswith(".nii.gz"):
+        raw = Path(path).read_bytes()
+        inflater = zlib.decompressobj(wbits=31)
+        data = inflater.decompress(raw)
+        if not inflater.eof:
+            raise EOFError("the gzip stream ends early")
+        if inflater.unused_data:  # several gzip members (bgzip, cat a.gz b.gz)
+            data = gzip.decompress(raw)
+        if len(data) >= 4 and int.from_bytes(data[:4], "little") == 348:
+            return nb.Nifti1Image.from_bytes(data)
+    return nb.load(path)
+
+
 def load(path: str, dtype=np.float32) -> tuple[np.ndarray, nb.Nifti1Image]:
     """Data of ``path`` as ``dtype`` (``None``: as stored, scaling applied) and the image.
 
     A file that cannot be read raises :class:`ImageReadError` naming it.
     """
     try:
-        img = nb.load(path)
+        img = read_image(path)
         return np.asarray(img.dataobj, dtype=dtype), img
     except (OSError, EOFError, ValueError, zlib.error, nb.filebasedimages.ImageFileError) as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise ImageReadError(
             f"{os.path.basename(path)} cannot be read; the file is truncated or corrupt ({reason})"
         ) from None
+
+
+def load_many(
+    paths: Sequence[str], dtype=np.float32, threads: int = 1
+) -> list[tuple[np.ndarray, nb.Nifti1Image]]:
+    """:func:`load` of each path, ``threads`` at a time (gzip inflation runs in parallel)."""
+    if threads <= 1 or len(paths) <= 1:
+        return [load(p, dtype) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(lambda p: load(p, dtype), paths))
 
 
 def load_mask(path: str) -> np.ndarray:

@@ -27,6 +27,7 @@ from ..qsm.sideinfo import SideInformation
 from ._io import (
     has_signal,
     load,
+    load_many,
     load_mask,
     read_side_info,
     save_like,
@@ -55,6 +56,7 @@ class _PrepareEchoesInputSpec(BaseInterfaceInputSpec):
     phase_scale = traits.Either(
         None, traits.Float, default=None, usedefault=True, desc="radians per stored unit"
     )
+    omp_nthreads = traits.Int(1, usedefault=True, desc="images read at a time")
 
 
 class _PrepareEchoesOutputSpec(TraitedSpec):
@@ -95,8 +97,9 @@ class PrepareEchoes(SimpleInterface):
             )
         if any(t <= 0 for t in tes):
             raise ValueError(f"echo times must be positive seconds, got {tes}")
-        mag, ref_img = _load_on_grid(mags)
-        stored = _load_on_grid(phases, ref_img, mags[0], dtype=None)[0]
+        threads = self.inputs.omp_nthreads
+        mag, ref_img = _load_on_grid(mags, threads=threads)
+        stored = _load_on_grid(phases, ref_img, mags[0], dtype=None, threads=threads)[0]
         name = os.path.basename(phases[0])
         scale = self.inputs.phase_scale
         if self.inputs.wrapped:
@@ -224,13 +227,13 @@ class PrepareFieldMap(SimpleInterface):
         return runtime
 
 
-def _load_on_grid(paths, ref_img=None, ref_path=None, dtype=np.float32):
-    """Load 3D images that share one grid, the first's or ``ref_img``'s (from ``ref_path``);
-    return them stacked along a last axis ``(X, Y, Z, E)`` and the reference image."""
+def _load_on_grid(paths, ref_img=None, ref_path=None, dtype=np.float32, threads=1):
+    """Load 3D images that share one grid, the first's or ``ref_img``'s (from ``ref_path``),
+    ``threads`` at a time; return them stacked along a last axis ``(X, Y, Z, E)`` and the
+    reference image."""
     ref_path = paths[0] if ref_path is None else ref_path
     stack = []
-    for path in paths:
-        data, img = load(path, dtype=dtype)
+    for path, (data, img) in zip(paths, load_many(paths, dtype, threads), strict=True):
         ref_img = img if ref_img is None else ref_img
         _check_same_grid(data, img, path, ref_img, ref_path)
         stack.append(data.reshape(data.shape[:3]))

@@ -10,11 +10,16 @@ susceptibility map, and its other outputs are named from the same stem by
 from __future__ import annotations
 
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+import nibabel as nb
 
 #: Output kind -> what follows the run's stem in its file name (before ``.nii.gz``).
 OUTPUT_SUFFIXES = {
@@ -84,6 +89,34 @@ def latest_log_dir(output_dir: Path, subject: str) -> Path | None:
     root = log_root(output_dir, subject)
     dirs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
     return dirs[-1] if dirs else None
+
+
+def load_image(path: str | os.PathLike) -> nb.spatialimages.SpatialImage:
+    """The image at ``path``, read into memory once while the file is unchanged: a run's
+    figures and QC numbers read the same outputs."""
+    st = os.stat(path)
+    return _load_image(os.fspath(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_image(path: str, mtime_ns: int, size: int) -> nb.spatialimages.SpatialImage:
+    from ..interfaces._io import read_image
+
+    return read_image(path)
+
+
+def preload(paths, threads: int = 2) -> None:
+    """:func:`load_image` of the existing ``paths``, ``threads`` at a time (unreadable
+    files are left for their reader to report)."""
+
+    def one(path) -> None:
+        try:
+            load_image(path)
+        except Exception:  # noqa: BLE001 - reported where the image is used
+            pass
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, [p for p in paths if p is not None]))
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nb
 import numpy as np
 
 from .. import __version__
 from . import figures
-from .outputs import RunOutputs, find_runs, latest_log_dir, report_path
+from .outputs import RunOutputs, find_runs, latest_log_dir, load_image, preload, report_path
 from .qc import QC_RULES, run_qc
 
 if sys.version_info >= (3, 11):
@@ -212,19 +211,19 @@ def run_figures(run: RunOutputs, window: float = figures.CHI_WINDOW_PPM) -> list
     """Draw the run's figures from its outputs (the phase figure comes from the workflow);
     return notes on figures that could not be drawn."""
     notes = []
-    chi_img = nb.load(run.path("chi_map"))
-    mask_img = nb.load(run.path("mask"))
+    chi_img = load_image(run.path("chi_map"))
+    mask_img = load_image(run.path("mask"))
     mask = np.asarray(mask_img.dataobj) > 0
     mag_path = run.magnitude()
     if mag_path is not None:
-        figures.plot_mask(nb.load(mag_path), mask_img, run.figure("mask"))
+        figures.plot_mask(load_image(mag_path), mask_img, run.figure("mask"))
     else:
         notes.append("The input magnitude was not found (raw dataset moved?): no mask figure.")
     local = run.path("local_field")
     if local is not None:
         total = run.path("total_field")
         figures.plot_fields(
-            nb.load(total) if total is not None else None, nb.load(local), mask_img,
+            load_image(total) if total is not None else None, load_image(local), mask_img,
             run.figure("fields"),
         )  # fmt: skip
     figures.plot_chimap(chi_img, run.figure("chimap"), window)
@@ -260,6 +259,8 @@ def write_participant_report(
     runs = []
     for run in find_runs(output_dir, subject):
         t0 = time.perf_counter()
+        kinds = ("chi_map", "mask", "local_field", "total_field", "reliability")
+        preload([run.path(k) for k in kinds] + [run.quality(), run.magnitude()])
         notes = run_figures(run, window)
         qc = run_qc(run)
         facts_path = run.figure("phase").with_suffix(".json")

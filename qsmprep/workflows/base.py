@@ -277,7 +277,8 @@ def init_participant_wf(
                     metadata=meta,
                 ),
                 name=f"ds_{node}_{field}",
-                run_without_submitting=True,
+                # in a worker, not in nipype's main loop: gzip of a 1 mm image takes a
+                # second, which would hold back the next processing step
                 overwrite=True,  # always write: the output folder may have been cleaned
             )
             wf.connect(qsm_wf, f"outputnode.{field}", sink, "in_file")

@@ -357,8 +357,9 @@ def init_qsm_wf(
         fieldmap = None
     else:
         prep = pe.Node(
-            PrepareEchoes(wrapped=input_type == "phase"),
+            PrepareEchoes(wrapped=input_type == "phase", omp_nthreads=omp_nthreads),
             name="prepare_echoes",
+            n_procs=omp_nthreads,
             mem_gb=LIGHT_MEM_GB,
         )
         fieldmap = pe.Node(
