@@ -81,8 +81,10 @@ RUN pip install -c /opt/qsmprep/constraints.txt $(python -c "from importlib.meta
 requires; print(*(r.split(';')[0] for r in requires('qsmprep') if 'extra == \"sim\"' in r))")
 # Compile numba's cache: run the pipeline on a 4 mm phantom with every background removal
 # and inversion method of the registries (pairwise), then the other options that compile,
-# and the U-Net (which checks that the slimmed PyTorch runs), and MCPC-3D-S's coarse-grid
-# smoothing, which a 4 mm phantom does not reach (it runs where sigma spans 2+ voxels).
+# and the U-Net (which checks that the slimmed PyTorch runs), MCPC-3D-S's coarse-grid
+# smoothing, which a 4 mm phantom does not reach (it runs where sigma spans 2+ voxels),
+# and the parallel phase wrap and scaling (arrays of 2^16 values and more; the scaling
+# for each stored type scanners use).
 RUN set -e; export NUMBA_CACHE_DIR="$QSMPREP_NUMBA_CACHE"; d=$(mktemp -d); \
     python -m qsmprep.sim "$d/bids" --preset small > /dev/null; \
     python -c "from qsmprep.config import method_choices; c = method_choices(); \
@@ -97,8 +99,9 @@ print('--inversion adaptive-unet')" \
         qsmprep "$d/bids" "$d/out" participant -w "$d/work" --nprocs 1 \
             --skip-bids-validation $opts 2> "$d/log" || { cat "$d/log"; exit 1; }; \
     done < "$d/options"; \
-    python -c "import numpy as n; from qsmprep.qsm.phase import smooth_angle as s; \
-s(n.zeros((9, 9, 9), 'f4'), n.ones((9, 9, 9), 'f4'), (4, 4, 4))"; \
+    python -c "import numpy as n; from qsmprep.qsm.phase import smooth_angle as s, wrap as w, \
+scale_phase as p; s(n.zeros((9, 9, 9), 'f4'), n.ones((9, 9, 9), 'f4'), (4, 4, 4)); \
+w(n.zeros(1 << 16, 'f4')); [p(n.zeros(1 << 16, t), scale=1.0) for t in ('f4', 'f8', 'i2', 'u2')]"; \
     rm -rf "$d"; chmod -R a+rX "$QSMPREP_NUMBA_CACHE"; ls -R "$QSMPREP_NUMBA_CACHE"
 USER qsmprep
 

@@ -216,3 +216,30 @@ def test_smooth_angle_keeps_a_linear_phase_and_matches_the_full_filter():
         ref = _reference_smooth(angle, amp, sigma)
         assert np.abs(ph.wrap(out - ref)[inner]).max() < 0.03  # measured 0.018 rad
     np.testing.assert_array_equal(out, ref.astype(np.float32))  # sigma < 2: the plain filter
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [("int16", np.pi / 4096), ("uint16", 2 * np.pi / 4096), ("float32", 1.0),
+     ("float64", 1.0), ("float32", 1e-3)],
+)  # fmt: skip
+def test_parallel_scaling_and_wrap_match_numpy(dtype, scale):
+    """Large arrays take a parallel pass with the same float steps: the same bits."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 40, 21, 2)) * 8000 - 4000).astype(dtype)
+    if x.dtype.kind == "f":
+        x.flat[:5] = [np.nan, np.inf, -np.inf, np.pi, -np.pi]
+    with np.errstate(invalid="ignore"):
+        v = (x.astype(np.float64) * scale).astype(np.float32)
+        two_pi = np.float32(2 * np.pi)
+        expected = v - two_pi * np.floor((v + two_pi / 2) / two_pi)
+        assert x.size >= 1 << 16
+        np.testing.assert_array_equal(ph._wrap_scaled(x, scale), expected)
+        np.testing.assert_array_equal(ph.wrap(v), expected)
+
+
+def test_finite_in_every_echo():
+    x = np.ones((5, 6, 7, 3), np.float32)
+    x[1, 2, 3, 2] = np.nan
+    x[4, 0, 0, 0] = -np.inf
+    np.testing.assert_array_equal(ph._finite_in_every_echo(x), np.isfinite(x).all(axis=-1))

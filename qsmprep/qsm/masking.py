@@ -46,6 +46,18 @@ def combine_magnitude(mag: np.ndarray, combine: str = "rss") -> np.ndarray:
     raise ValueError(f"combine must be 'rss' or 'first', got {combine!r}")
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes``: the background components (6-connected) that do
+    not reach the array's border join the mask; labelling them takes half the time of
+    scipy's dilation from the border."""
+    labels, _ = ndimage.label(~mask)
+    border = np.zeros(labels.max() + 1, bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            border[np.take(labels, end, axis=axis)] = True
+    return mask | ~border[labels]
+
+
 def _finish(mask: np.ndarray, fill_holes: bool, erode: int) -> np.ndarray:
     """Largest 6-connected component, optional hole filling, erosion by ``erode`` voxels."""
     if erode < 0:
@@ -57,7 +69,7 @@ def _finish(mask: np.ndarray, fill_holes: bool, erode: int) -> np.ndarray:
     sizes[0] = 0
     out = labels == int(sizes.argmax())
     if fill_holes:
-        out = ndimage.binary_fill_holes(out)
+        out = _fill_holes(out)
     if erode:
         ball = ndimage.generate_binary_structure(3, 1)
         out = ndimage.binary_erosion(out, structure=ball, iterations=erode)

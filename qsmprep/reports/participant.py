@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +262,12 @@ def write_participant_report(
         t0 = time.perf_counter()
         kinds = ("chi_map", "mask", "local_field", "total_field", "reliability")
         preload([run.path(k) for k in kinds] + [run.quality(), run.magnitude()])
-        notes = run_figures(run, window)
-        qc = run_qc(run)
+        # the QC numbers (FFTs and distance maps, which release the GIL) are computed
+        # while matplotlib draws the figures
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(run_qc, run)
+            notes = run_figures(run, window)
+            qc = pending.result()
         facts_path = run.figure("phase").with_suffix(".json")
         facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
         shown = []
